@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
+from sam_optax import _protocol
 
 
 class PolyakStepSizeState(NamedTuple):
@@ -22,13 +23,16 @@ class PolyakStepSizeState(NamedTuple):
   count: jax.Array
   step_size: jax.Array
 
+  def sam_metrics(self) -> dict[str, jax.Array]:
+    return {"step_size": self.step_size}
+
 
 def polyak_step_size(
     f_star: optax.ScalarOrSchedule = 0.0,
     gamma_b: optax.ScalarOrSchedule = 1.0,
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    eps: float = 1e-12,
+    eps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Stochastic Polyak scheduler of SAM-SPS, capped at γ_b.
 
@@ -51,7 +55,8 @@ def polyak_step_size(
     f_star: lower bound f* on the (mini-batch) loss; 0 for non-negative losses.
     gamma_b: cap γ_b > 0 on the step size.
     weight_decay: coupled L2 coefficient (≥ 0) added at x; needs ``params``.
-    eps: floor of the squared gradient norm in the denominator.
+    eps: floor of the squared gradient norm in the denominator (default 1e-12;
+      None keeps it out of ``optax.inject_hyperparams``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -73,7 +78,7 @@ def polyak_step_size(
   _common.check_scalar_hyperparam("f_star", f_star)
   _common.check_scalar_hyperparam("gamma_b", gamma_b, low=0.0, low_open=True)
   _common.check_scalar_hyperparam("weight_decay", weight_decay, low=0.0)
-  _common.check_scalar_hyperparam("eps", eps, low=0.0, low_open=True, allow_schedule=False)
+  eps = _common.default_eps(eps)
   no_decay = _common.is_concrete_number(weight_decay) and float(weight_decay) == 0.0
 
   def init_fn(params):
@@ -82,8 +87,15 @@ def polyak_step_size(
         step_size=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, perturbation=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value=None, perturbation=None, sam_context=None,
+      **extra_args,
+  ):
     del extra_args
+    _protocol.check_local_ascent(
+        sam_context, "the Polyak step size (sam_sps)",
+        "γ_t uses <∇f(e), δ> with each replica's own δ",
+    )
     if value is None:
       raise ValueError(
           "polyak_step_size needs the loss at the point the gradient was taken: "

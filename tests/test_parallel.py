@@ -192,7 +192,7 @@ def test_unknown_axis_name_inside_vmap_names_both():
 @pytest.mark.parametrize(
     "opt, message",
     [
-        (sam_optax.sam_sps(rho=0.1), r"not supported with SAM-SPS"),
+        (sam_optax.sam_sps(rho=0.1), r"not supported with the Polyak step size \(sam_sps\)"),
         (sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)),
          r"not supported with dynamic_loss_scale"),
     ],
