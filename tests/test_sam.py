@@ -1,4 +1,4 @@
-"""unified_sam / sam_sps / sharpness_aware / sam_step: invariants of SEMANTICS §2, §4, §6."""
+"""unified_sam / sam_sps / sharpness_aware / sam_step: invariants of docs/contract.md §2, §4, §6."""
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ def loss_fn(params, batch):
 
 
 def sgd_torch_like(lr, momentum=0.0, wd=0.0):
-  """PyTorch's SGD(lr, momentum, weight_decay) in optax (SEMANTICS §2)."""
+  """PyTorch's SGD(lr, momentum, weight_decay) in optax (docs/contract.md §2)."""
   return optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=momentum), optax.scale(-lr))
 
 
