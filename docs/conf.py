@@ -36,6 +36,8 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 # autodoc / autosummary: document the public names as `sam_optax.<name>`, in source order,
 # with signatures as written; no stub files are generated into the source tree.
 autosummary_generate = False
+# `.. automodule:: sam_optax.<submodule>` alone documents the module's public members.
+autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
@@ -117,6 +119,14 @@ def _readme_links(app, docname, source):
   source[0] = _LINK.sub(fix, text)
 
 
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """State fields are listed under the class's Attributes; their accessors are not members."""
+  if type(obj).__name__ == "_tuplegetter":
+    return True
+  return None
+
+
 def setup(app):
   app.connect("autodoc-process-docstring", _escape_absolute_values)
+  app.connect("autodoc-skip-member", _skip_namedtuple_fields)
   app.connect("source-read", _readme_links)
