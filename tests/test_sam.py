@@ -9,6 +9,9 @@ from flax import serialization
 
 import sam_optax
 
+from helpers import assert_trees_close
+from helpers import assert_trees_equal
+
 RNG = np.random.default_rng(0)
 A = jnp.asarray(RNG.normal(size=(16, 5)), jnp.float32)
 Y = jnp.asarray(RNG.normal(size=(16,)), jnp.float32)
@@ -54,17 +57,6 @@ def hand_written_sam(base, rho, lambd, steps=5, eps=1e-12):
   for t in range(1, steps + 1):
     params, state = one(params, state, float(t))
   return params
-
-
-def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("lambd", [0.0, 0.5, 1.0, "1/t", "1-1/t"])
