@@ -108,7 +108,9 @@ _LINK = re.compile(r"\[([^\]]+)\]\((?!https?://|#|mailto:)([^)\s]+)\)")
 def _readme_links(app, docname, source):
   if docname != "readme":
     return
-  text = (ROOT / "README.md").read_text(encoding="utf-8")
+  readme = ROOT / "README.md"
+  app.env.note_dependency(str(readme))  # rebuild the page when the README changes
+  text = readme.read_text(encoding="utf-8")
 
   def fix(match):
     label, target = match.groups()
