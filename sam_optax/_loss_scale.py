@@ -64,6 +64,9 @@ def dynamic_loss_scale(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` for use with :func:`sam_step`.
+
+  References:
+    Micikevicius et al., *Mixed Precision Training*, ICLR 2018, `arXiv:1710.03740 <https://arxiv.org/abs/1710.03740>`__.
   """
   _common.check_scalar_hyperparam("init_scale", init_scale, low=0.0, low_open=True, allow_schedule=False)
   _common.check_scalar_hyperparam("min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False)

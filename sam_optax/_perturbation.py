@@ -134,9 +134,12 @@ def unified_perturbation(
     [0.06, 0.08]
 
   References:
-    Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
-    Improved Rates*, ICLR 2025. Foret et al., *Sharpness-Aware Minimization for
-    Efficiently Improving Generalization*, ICLR 2021. Kwon et al., *ASAM*, ICML 2021.
+    - Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
+      Improved Rates*, ICLR 2025, `arXiv:2503.02225 <https://arxiv.org/abs/2503.02225>`__.
+    - Foret et al., *Sharpness-Aware Minimization for Efficiently Improving
+      Generalization*, ICLR 2021, `arXiv:2010.01412 <https://arxiv.org/abs/2010.01412>`__.
+    - Kwon et al., *ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+      Learning of Deep Neural Networks*, ICML 2021, `arXiv:2102.11600 <https://arxiv.org/abs/2102.11600>`__.
   """
   _common.check_scalar_hyperparam("rho", rho, low=0.0)
   lambd = lambda_schedule(lambd)

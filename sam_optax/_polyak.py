@@ -72,8 +72,10 @@ def polyak_step_size(
     0.25
 
   References:
-    Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
-    Step Size*, 2025. Loizou et al., *Stochastic Polyak Step-size for SGD*, AISTATS 2021.
+    - Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
+      Step Size: A Theory-Grounded Scheduler*, 2026, `arXiv:2606.01827 <https://arxiv.org/abs/2606.01827>`__.
+    - Loizou et al., *Stochastic Polyak Step-size for SGD: An Adaptive Learning Rate
+      for Fast Convergence*, AISTATS 2021, `arXiv:2002.10542 <https://arxiv.org/abs/2002.10542>`__.
   """
   _common.check_scalar_hyperparam("f_star", f_star)
   _common.check_scalar_hyperparam("gamma_b", gamma_b, low=0.0, low_open=True)

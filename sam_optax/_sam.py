@@ -190,7 +190,7 @@ def unified_sam(
 
   References:
     Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
-    Improved Rates*, ICLR 2025.
+    Improved Rates*, ICLR 2025, `arXiv:2503.02225 <https://arxiv.org/abs/2503.02225>`__.
   """
   if not hasattr(base_optimizer, "init") or not hasattr(base_optimizer, "update"):
     raise ValueError(
@@ -237,7 +237,7 @@ def sam_sps(
 
   References:
     Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
-    Step Size: A Theory-Grounded Scheduler*, 2025.
+    Step Size: A Theory-Grounded Scheduler*, 2026, `arXiv:2606.01827 <https://arxiv.org/abs/2606.01827>`__.
   """
   perturbation = unified_perturbation(
       rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask

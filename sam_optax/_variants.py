@@ -269,7 +269,7 @@ def looksam(
 
   References:
     Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization*,
-    CVPR 2022.
+    CVPR 2022, `arXiv:2203.02714 <https://arxiv.org/abs/2203.02714>`__.
   """
   _common.check_scalar_hyperparam("alpha", alpha, low=0.0, allow_schedule=False)
   return _every_k(optimizer, every, alpha, "looksam")
@@ -308,7 +308,7 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
 
   References:
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware
-    Training*, ICLR 2022.
+    Training*, ICLR 2022, `arXiv:2203.08065 <https://arxiv.org/abs/2203.08065>`__.
   """
   _common.check_scalar_hyperparam("alpha", alpha, low=0.0, allow_schedule=False)
   optimizer = _check_two_pass(optimizer, "gsam")

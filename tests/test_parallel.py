@@ -41,7 +41,7 @@ def make_problem(batch_size=32, steps=3, seed=0):
 
 
 def base_optimizer():
-  """PyTorch's SGD(lr, momentum, weight_decay) in optax (SEMANTICS §2)."""
+  """PyTorch's SGD(lr, momentum, weight_decay) in optax (docs/contract.md §2)."""
   return optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOMENTUM))
 
 

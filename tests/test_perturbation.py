@@ -1,4 +1,4 @@
-"""Unit tests of sam_optax.unified_perturbation (SEMANTICS §1)."""
+"""Unit tests of sam_optax.unified_perturbation (docs/contract.md §1)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""unified_sam / sam_sps / sharpness_aware / sam_step: invariants of SEMANTICS §2, §4, §6."""
+"""unified_sam / sam_sps / sharpness_aware / sam_step: invariants of docs/contract.md §2, §4, §6."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,9 @@ import pytest
 from flax import serialization
 
 import sam_optax
+
+from helpers import assert_trees_close
+from helpers import assert_trees_equal
 
 RNG = np.random.default_rng(0)
 A = jnp.asarray(RNG.normal(size=(16, 5)), jnp.float32)
@@ -23,7 +26,7 @@ def loss_fn(params, batch):
 
 
 def sgd_torch_like(lr, momentum=0.0, wd=0.0):
-  """PyTorch's SGD(lr, momentum, weight_decay) in optax (SEMANTICS §2)."""
+  """PyTorch's SGD(lr, momentum, weight_decay) in optax (docs/contract.md §2)."""
   return optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=momentum), optax.scale(-lr))
 
 
@@ -54,17 +57,6 @@ def hand_written_sam(base, rho, lambd, steps=5, eps=1e-12):
   for t in range(1, steps + 1):
     params, state = one(params, state, float(t))
   return params
-
-
-def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("lambd", [0.0, 0.5, 1.0, "1/t", "1-1/t"])
