@@ -37,11 +37,16 @@ class StepContext(NamedTuple):
     perturb: None to let each component select its passes inside the compiled
       step (``lax.cond``); True/False when the step fixed, on the host, whether
       this step evaluates the perturbed pass (two compiled programs).
+    host_selectors: when not None, a list to which a component that selects its
+      passes appends ``(its_state, fn)`` while being traced, ``fn(state) -> bool``
+      telling from a concrete state whether the next step is a perturbed one; the
+      step may then compile one program per kind and choose on the host.
   """
 
   clean_grads: Any
   local_axes: tuple[str, ...] = ()
   perturb: bool | None = None
+  host_selectors: list | None = None
 
 
 def nodes(tree: Any) -> Iterator[Any]:
@@ -52,6 +57,27 @@ def nodes(tree: Any) -> Iterator[Any]:
     return  # a leaf
   for child in children:
     yield from nodes(child)
+
+
+def node_path(tree: Any, target: Any) -> tuple[int, ...] | None:
+  """The child indices leading from ``tree`` to the node that *is* ``target``, or None."""
+  if tree is target:
+    return ()
+  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+  if treedef.num_nodes == 1:
+    return None
+  for i, child in enumerate(children):
+    path = node_path(child, target)
+    if path is not None:
+      return (i, *path)
+  return None
+
+
+def node_at(tree: Any, path: tuple[int, ...]) -> Any:
+  """The node at ``path`` (from :func:`node_path`) of a tree of the same structure."""
+  for i in path:
+    tree = jax.tree_util.tree_flatten(tree, is_leaf=lambda x, t=tree: x is not t)[0][i]
+  return tree
 
 
 def _implementers(tree: Any, method: str) -> Iterator[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -51,6 +52,7 @@ def sam_step(
     skip_nonfinite: bool = True,
     jit: bool = True,
     donate: bool = True,
+    host_dispatch: bool | None = None,
 ) -> Callable[..., Any]:
   """Builds the jit-compiled training step of a loss function and an optimizer.
 
@@ -150,6 +152,13 @@ def sam_step(
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
       buffers are reused; do not use them after the call). Every error is
       raised while tracing, before anything is computed or donated.
+    host_dispatch: for optimizers that evaluate the perturbed pass on some steps
+      only (:func:`interval_sam`, :func:`looksam`): compile one program per kind
+      of step and choose on the host from the step counter in ``opt_state``
+      (True), or choose inside one program with ``lax.cond`` (False). None
+      (default) is True on CPU, where XLA runs convolution gradients much
+      slower inside a ``cond`` branch, and False elsewhere. Needs ``jit=True``;
+      both give the same trajectory.
 
   Returns:
     The step function.
@@ -191,7 +200,7 @@ def sam_step(
   def mean(tree, axes):
     return jax.lax.pmean(tree, axes) if axes else tree
 
-  def body(params, opt_state, batch, *args, perturb=None):
+  def body(params, opt_state, batch, *args, perturb=None, discovered=None):
     loss_scale = _protocol.loss_scale(opt_state)
     # Under shard_map(check_vma=True), autodiff sums the gradient of a replicated
     # input over the axis; differentiate at a copy marked as varying instead, so
@@ -222,11 +231,17 @@ def sam_step(
       value, g = mean((value, g), data_axes)
       return value, _mask_like(g, e)
 
-    context = _protocol.StepContext(clean_grads=grads, local_axes=local_axes, perturb=perturb)
+    selectors = [] if discovered is not None else None
+    context = _protocol.StepContext(
+        clean_grads=grads, local_axes=local_axes, perturb=perturb, host_selectors=selectors
+    )
     updates, new_opt_state = optimizer.update(
         grads, opt_state, params, value_and_grad_fn=value_and_grad_fn,
         sam_context=context,
     )
+    for node, select in selectors or ():
+      path = _protocol.node_path(opt_state, node)
+      discovered.append(None if path is None else (path, select))
     if local_axes and not passes:
       raise ValueError(
           "`ascent='local'` (m-sharpness) needs a two-pass (SAM) optimizer; a one-pass "
@@ -249,7 +264,7 @@ def sam_step(
       return new_params, new_opt_state, metrics, _protocol.mean_floating(aux, data_axes)
     return new_params, new_opt_state, metrics
 
-  def step(params, opt_state, batch, *args):
+  def step(params, opt_state, batch, *args, perturb=None, discovered=None):
     # All checks run at trace time, before any compute.
     if axis_name is not None:
       _check_axis_bound(axis_name)
@@ -265,18 +280,49 @@ def sam_step(
           batch, per_group * microbatches,
           what=f"{per_group * microbatches} parts (groups × microbatches)",
       )
+    run = functools.partial(body, perturb=perturb, discovered=discovered)
     if groups is None:
-      return body(params, opt_state, batch, *args)
+      return run(params, opt_state, batch, *args)
     _check_groups_splittable(batch)
     grouped = _parallel.split_leading_axis(batch, groups, what=f"groups={groups}")
     in_axes = (None, None, 0) + (None,) * len(args)
-    return jax.vmap(body, in_axes=in_axes, out_axes=None, axis_name=_GROUP_AXIS)(
+    return jax.vmap(run, in_axes=in_axes, out_axes=None, axis_name=_GROUP_AXIS)(
         params, opt_state, grouped, *args
     )
 
-  if jit:
-    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  return step
+  if not jit:
+    return step
+  donate_argnums = (0, 1) if donate else ()
+  compiled = jax.jit(step, donate_argnums=donate_argnums)
+  if host_dispatch is None:
+    use_host = jax.default_backend() == "cpu"
+  else:
+    use_host = bool(host_dispatch)
+  if not use_host:
+    return compiled
+  by_kind = {
+      kind: jax.jit(functools.partial(step, perturb=kind), donate_argnums=donate_argnums)
+      for kind in (True, False)
+  }
+  plans: dict[Any, Any] = {}
+
+  @functools.wraps(compiled)
+  def dispatch(params, opt_state, batch, *args):
+    key = jax.tree.structure(opt_state)
+    if key not in plans:
+      # One trace (no compilation) finds the component that selects its passes.
+      found: list = []
+      jax.eval_shape(functools.partial(step, discovered=found), params, opt_state, batch, *args)
+      plans[key] = found[0] if len(found) == 1 else None
+    plan = plans[key]
+    if plan is None:
+      return compiled(params, opt_state, batch, *args)
+    path, select = plan
+    return by_kind[bool(select(_protocol.node_at(opt_state, path)))](
+        params, opt_state, batch, *args
+    )
+
+  return dispatch
 
 
 def _all(flag: jax.Array, axes: tuple[str, ...]) -> jax.Array:

@@ -163,12 +163,20 @@ def _every_k(
 
     new_orthogonal = []
 
+    perturb = None if sam_context is None else sam_context.perturb
+    if isinstance(every, int) and every == 1:
+      perturb = True
+    elif isinstance(every, int) and sam_context is not None and sam_context.host_selectors is not None:
+      # Offer the step to choose this step's kind on the host (two compiled programs):
+      # XLA:CPU runs convolution gradients far slower inside a cond branch.
+      sam_context.host_selectors.append((state, lambda node: int(node.count) % every == 0))
+
     def value_and_grad_at(e):  # the wrapped optimizer calls this once, at e = x + δ
-      if isinstance(every, int) and every == 1:
-        value, grads, *orthogonal = perturbed_pass(e)
-      else:
+      if perturb is None:
         is_sam_step = state.count % every == 0
         value, grads, *orthogonal = jax.lax.cond(is_sam_step, perturbed_pass, no_perturbed_pass, e)
+      else:
+        value, grads, *orthogonal = (perturbed_pass if perturb else no_perturbed_pass)(e)
       new_orthogonal.extend(orthogonal)
       return value, grads
 
