@@ -118,7 +118,9 @@ def main():
         f"{c}->{c} channels, float32, NHWC/HWIO")
   print("\nThe weight gradient before optimisation:")
   hlo = jax.jit(weight_grad).lower(x, dy).as_text(dialect="hlo")
-  print("  " + "\n  ".join(re.findall(r"convolution\(.*?dim_labels=\S+?,", hlo)))
+  for line in hlo.splitlines():
+    if "convolution(" in line:
+      print("  " + re.sub(r",? metadata=.*", "", line.strip()))
   cases = {
       "forward": (forward, (x, w)),
       "input gradient": (input_grad, (w, dy)),
