@@ -250,8 +250,8 @@ def markdown(result: dict[str, Any]) -> str:
     diff = r.get("max_param_diff_after_one_step")
     vs_torch = r.get("ratio_to_torch_1_thread")
     lines.append(
-        f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.3g} / "
-        f"{1e3 * r['seconds']['median']:.3g} | {r['ratio_to_default']['median']:.2f} | "
+        f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.4g} / "
+        f"{1e3 * r['seconds']['median']:.4g} | {r['ratio_to_default']['median']:.2f} | "
         + ("-" if vs_torch is None else f"{vs_torch['median']:.2f}") + " | "
         + ("-" if diff is None else f"{diff:.1e}") + " |")
   if result.get("profile"):
