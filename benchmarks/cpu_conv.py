@@ -45,6 +45,11 @@ _YNN_ALL = ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in
 CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "default": ("XLA default (YNNPACK convolutions)", {}, ""),
     "eigen_conv": ("Eigen convolutions", {_YNN: ""}, f"--{_YNN}="),
+    # YNNPACK is slow on the canonicalized weight-gradient convolutions (issue 16,
+    # benchmarks/xla_cpu_transpose_repro.py) but keeps the batch-norm reductions fast.
+    "eigen_conv_ynn_reduce": ("Eigen convolutions, YNNPACK reductions",
+                              {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"},
+                              f"--{_YNN}=LIBRARY_FUSION_TYPE_REDUCE"),
     "ynn_fusions": ("YNNPACK convolutions, elementwise, reductions and dots",
                     {_YNN: _YNN_ALL}, f"--{_YNN}={_YNN_ALL}"),
     "fast_math": ("default + fast math (reassociates, approximates: not like-for-like)",
@@ -163,9 +168,13 @@ def model_step(name: str, batch_size: int | None, rounds: int, worker, threads: 
                    "xla_flags": "", "threads": th}
   log(f"[{name}] {len(runners)} variants, {rounds} rounds")
   raw = _interleave(runners, rounds)
+  torch_key = "torch_sgd_1_threads" if "torch_sgd_1_threads" in raw else None
   for key, samples in raw.items():
     rows[key]["seconds"] = summary(samples)
     rows[key]["ratio_to_default"] = summary([a / b for a, b in zip(samples, raw["default"])])
+    if torch_key:  # per-round ratio to PyTorch's SGD step on one thread, measured alongside
+      rows[key]["ratio_to_torch_1_thread"] = summary(
+          [a / b for a, b in zip(samples, raw[torch_key])])
   return {"model": name, "params": _models.param_count(params), "batch_size": spec.batch_size,
           "rounds": rounds, "rows": list(rows.values())}
 
@@ -230,16 +239,20 @@ def markdown(result: dict[str, Any]) -> str:
       f"**SGD step of {m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, "
       f"float32): ms, min / median of {m['rounds']} rounds; ratio to the XLA default "
       "(median of per-round ratios); largest parameter difference from the default "
-      "after one step.",
+      "after one step; ratio to PyTorch's SGD step on one thread (median of per-round "
+      "ratios, `-` without PyTorch).",
       "",
-      "| configuration | `XLA_FLAGS` | ms / step | × default | max param diff |",
-      "|---|---|---:|---:|---:|",
+      "| configuration | `XLA_FLAGS` | ms / step | × default | × PyTorch 1 thread "
+      "| max param diff |",
+      "|---|---|---:|---:|---:|---:|",
   ]
   for r in m["rows"]:
     diff = r.get("max_param_diff_after_one_step")
+    vs_torch = r.get("ratio_to_torch_1_thread")
     lines.append(
-        f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.3g} / "
-        f"{1e3 * r['seconds']['median']:.3g} | {r['ratio_to_default']['median']:.2f} | "
+        f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.4g} / "
+        f"{1e3 * r['seconds']['median']:.4g} | {r['ratio_to_default']['median']:.2f} | "
+        + ("-" if vs_torch is None else f"{vs_torch['median']:.2f}") + " | "
         + ("-" if diff is None else f"{diff:.1e}") + " |")
   if result.get("profile"):
     p = result["profile"]
