@@ -46,8 +46,7 @@ def sam_step(
     ``sharpness``, ``grad_norm``, ``lambda``, ``rho``, ``step_size``, ...);
     ``optimizer.step`` advances by one.
 
-  The step is compiled once with ``jax.jit`` (over ``nnx.split`` of the model
-  and optimizer, with a static graph definition). It does not donate by
+  The step is compiled once with ``nnx.jit``. It does not donate by
   default, because NNX objects share arrays: ``nnx.clone(model)``, arrays taken
   out with ``nnx.as_pure`` or ``variable[...]`` all refer to the model's buffers,
   and a donated buffer is deleted for every holder. ``donate=True`` reuses the
@@ -57,7 +56,7 @@ def sam_step(
 
   Data parallelism. Place the model's and optimizer's state replicated and the
   batch sharded (``jax.sharding.NamedSharding``) and call the step as usual:
-  under ``jax.jit`` it is the single-device step on the global batch. ``groups``
+  it computes the single-device step on the global batch. ``groups``
   and ``ascent="local"`` give m-sharpness as in :func:`sam_optax.sam_step`;
   ``axis_name`` is for a step built with ``jit=False`` and run inside
   ``nnx.shard_map``/``nnx.pmap``.
@@ -65,7 +64,8 @@ def sam_step(
   Args:
     loss_fn: ``loss_fn(model, batch, *args)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux=True``. It receives a fresh module with the
-      (possibly perturbed) parameters; call it in train mode.
+      (possibly perturbed) parameters; call it in train mode. ``*args`` are
+      arrays or pytrees of arrays (keep RNG streams in the model, not in args).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the step then returns
       ``(metrics, aux)`` with the clean pass's ``aux``.
     axis_name: as in :func:`sam_optax.sam_step` (needs ``jit=False`` and an
@@ -108,6 +108,11 @@ def sam_step(
     wrt = optimizer.wrt
     graphdef, params, rest = nnx.split(model, wrt, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    if not jax.tree.leaves(params):
+      raise ValueError(
+          f"`model` ({type(model).__name__}) has no variables matching the optimizer's "
+          f"wrt={wrt!r} (e.g. no nnx.Param): there is nothing to train."
+      )
     opt_state = nnx.as_pure(optimizer.opt_state)
     floating = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -145,40 +150,28 @@ def sam_step(
       )
     if not isinstance(model, nnx.Module):
       raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
-    if not jax.tree.leaves(nnx.state(model, optimizer.wrt)):
-      raise ValueError(
-          f"`model` ({type(model).__name__}) has no variables matching the optimizer's "
-          f"wrt={optimizer.wrt!r} (e.g. no nnx.Param): there is nothing to train."
-      )
-
-  if not jit:
-    def step(model, optimizer, batch, *args):
-      check(model, optimizer)
-      return update_in_place(model, optimizer, batch, *args)
-    return step
-
-  def pure_step(graphdef, state, batch, *args):
-    model, optimizer = nnx.merge(graphdef, state)
-    out = update_in_place(model, optimizer, batch, *args)
-    return nnx.as_pure(nnx.state((model, optimizer))), out
-
-  compiled = {
-      True: jax.jit(pure_step, static_argnums=0, donate_argnums=1),
-      False: jax.jit(pure_step, static_argnums=0),
-  }
 
   def step(model, optimizer, batch, *args):
     check(model, optimizer)
-    graphdef, state = nnx.split((model, optimizer))
-    state = nnx.as_pure(state)
-    leaves = jax.tree.leaves(state)
-    # A buffer that appears twice (two variables holding one array) cannot be donated.
-    can_donate = donate and len({id(x) for x in leaves}) == len(leaves)
-    new_state, out = compiled[can_donate](graphdef, state, batch, *args)
-    nnx.update((model, optimizer), new_state)
-    return out
+    return update_in_place(model, optimizer, batch, *args)
 
-  return step
+  if not jit:
+    return step
+  # nnx.jit rather than jax.jit over nnx.split/merge/update: its graph traversal
+  # is cached, ~2x less host time per step on a small model (tests/test_nnx.py bench).
+  compiled = nnx.jit(update_in_place)
+  donating = nnx.jit(update_in_place, donate_argnums=(0, 1)) if donate else None
+
+  def compiled_step(model, optimizer, batch, *args):
+    check(model, optimizer)
+    if donate:
+      leaves = jax.tree.leaves(nnx.as_pure(nnx.state((model, optimizer))))
+      # A buffer held by two variables cannot be donated twice: skip donation then.
+      if len({id(x) for x in leaves}) == len(leaves):
+        return donating(model, optimizer, batch, *args)
+    return compiled(model, optimizer, batch, *args)
+
+  return compiled_step
 
 
 def _split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:

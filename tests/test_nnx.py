@@ -8,6 +8,7 @@ tests/test_nnx.py bench`` times the step under jax.jit (what sam_step uses) and 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -206,7 +207,8 @@ def test_has_aux_returns_the_clean_pass_aux():
   reference = nnx.clone(model)
   metrics, aux = sam_optax.nnx.sam_step(loss, has_aux=True)(model, optimizer, BATCHES[0])
   np.testing.assert_allclose(aux["logits"], reference(BATCHES[0][0]), rtol=1e-6, atol=1e-6)
-  assert float(metrics["loss"]) == pytest.approx(float(xent_from_logits(aux["logits"], BATCHES[0][1])))
+  expected = xent_from_logits(aux["logits"], BATCHES[0][1])
+  assert float(metrics["loss"]) == pytest.approx(float(expected))
 
 
 def xent_from_logits(logits, labels):
@@ -339,6 +341,12 @@ def test_one_pass_optax_optimizer():
   assert "loss" in metrics
 
 
+def test_docstring_example():
+  import doctest   # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(sam_optax.nnx, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+
+
 def test_clear_errors():
   tx = OPTIMIZERS["unified_sam"]()
   model, optimizer = make(tx)
@@ -372,3 +380,148 @@ def test_sam_optax_does_not_import_flax():
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cached_partial_matches():
+  tx = OPTIMIZERS["unified_sam"]()
+  model, optimizer = make(tx)
+  model2, optimizer2 = deep_copy((model, optimizer))
+  step = sam_optax.nnx.sam_step(xent)
+  cached = nnx.cached_partial(sam_optax.nnx.sam_step(xent), model2, optimizer2)
+  for batch in BATCHES[:2]:
+    m1, m2 = step(model, optimizer, batch), cached(batch)
+  assert max_abs_diff(floats(nnx.state(model)), floats(nnx.state(model2))) == 0.0
+  assert max_abs_diff(m1, m2) == 0.0 and int(optimizer2.step) == 2
+
+
+DEVICES = 4
+
+
+def _devices():
+  """Sharded jit (state replicated, batch sharded) vs one device; runs in the subprocess."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  assert jax.device_count() == DEVICES, jax.devices()
+  out = {}
+  # (Not adam-based gsam: adam's g/√v turns the round-off of a ~0 gradient into ±lr.)
+  for mesh_kind, name in (("auto", "unified_sam"), ("auto", "sam_sps"),
+                          ("explicit", "unified_sam")):
+    try:
+      types = (AxisType.Auto,) if mesh_kind == "auto" else (AxisType.Explicit,)
+      mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=types)
+      model, optimizer = make(OPTIMIZERS[name]())
+      sharded = deep_copy((model, optimizer))
+      nnx.update(sharded, jax.device_put(nnx.as_pure(nnx.state(sharded)), NamedSharding(mesh, P())))
+      step, sharded_step = sam_optax.nnx.sam_step(xent), sam_optax.nnx.sam_step(xent)
+      err, replicated, batch_sharded = 0.0, True, True
+      for batch in BATCHES[:3]:
+        metrics = step(model, optimizer, batch)
+        batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+        sharding = batch[0].sharding
+        batch_sharded &= len(sharding.device_set) == DEVICES and not sharding.is_fully_replicated
+        sharded_metrics = sharded_step(*sharded, batch)
+        state = nnx.as_pure(nnx.state(sharded))
+        replicated &= all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+        err = max(err, max_abs_diff(floats(nnx.state((model, optimizer))), floats(state)),
+                  max_abs_diff(metrics, sharded_metrics))
+      counts = [int(model.drop.rngs.count[...]), int(sharded[0].drop.rngs.count[...])]
+      out[f"{mesh_kind}-{name}"] = {"err": err, "replicated": bool(replicated),
+                                    "batch_sharded": bool(batch_sharded), "counts": counts}
+    except Exception as e:   # noqa: BLE001  (reported to and asserted on by the test)
+      out[f"{mesh_kind}-{name}"] = {"exception": f"{type(e).__name__}: {e}"[:2000]}
+  return out
+
+
+@pytest.fixture(scope="module")
+def device_results():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  flag = f"--xla_force_host_platform_device_count={DEVICES}"
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+  proc = subprocess.run([sys.executable, __file__, "devices"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["auto-unified_sam", "auto-sam_sps", "explicit-unified_sam"])
+def test_sharded_jit_equals_one_device(device_results, case):
+  result = device_results[case]
+  assert "exception" not in result, result
+  assert result["batch_sharded"] and result["replicated"], result
+  assert result["err"] <= 1e-5, result
+  assert result["counts"] == [3, 3], result
+
+
+def _readme_block(heading):
+  text = (ROOT / "README.md").read_text()
+  section = text[text.index(f"## {heading}"):]
+  section = section[:section.index("\n## ", 1)]
+  return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+
+
+def test_readme_nnx_example_runs_and_learns():
+  namespace = {}
+  exec(_readme_block("Flax NNX"), namespace)   # pylint: disable=exec-used
+  model, optimizer, metrics = namespace["model"], namespace["optimizer"], namespace["metrics"]
+  x = namespace["x"]
+  assert int(optimizer.step) == 100 and int(model.drop.rngs.count[...]) == 100
+  assert float(metrics["loss"]) < 0.25 * float(jnp.var(jnp.sin(x).sum(1)))
+  assert set(metrics) >= {"loss", "perturbed_loss", "sharpness", "grad_norm"}
+
+
+def _jax_jit_step(loss, donate=False):
+  """The alternative to nnx.jit: jax.jit over nnx.split with a static graphdef."""
+  inner = sam_optax.nnx.sam_step(loss, jit=False)
+
+  def pure(graphdef, state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = inner(model, optimizer, batch)
+    return nnx.as_pure(nnx.state((model, optimizer))), metrics
+
+  pure = jax.jit(pure, static_argnums=0, donate_argnums=1 if donate else ())
+
+  def step(model, optimizer, batch):
+    graphdef, state = nnx.split((model, optimizer))
+    new_state, metrics = pure(graphdef, nnx.as_pure(state), batch)
+    nnx.update((model, optimizer), new_state)
+    return metrics
+  return step
+
+
+def _bench(repeats=15, steps=40):
+  """Time per step (µs, median and spread over interleaved repeats) on the small Net."""
+  import time   # pylint: disable=g-import-not-at-top
+  tx = OPTIMIZERS["unified_sam"]()
+  calls = {}
+  for name in ("sam_optax.nnx.sam_step (nnx.jit)", "jax.jit over nnx.split/merge/update",
+               "nnx.cached_partial(sam_optax.nnx.sam_step(...), model, optimizer)"):
+    model, optimizer = make(tx)
+    if name.startswith("jax.jit"):
+      step = _jax_jit_step(xent)
+      calls[name] = (lambda s, m, o: lambda b: s(m, o, b))(step, model, optimizer)
+    elif name.startswith("nnx.cached"):
+      calls[name] = nnx.cached_partial(sam_optax.nnx.sam_step(xent), model, optimizer)
+    else:
+      step = sam_optax.nnx.sam_step(xent)
+      calls[name] = (lambda s, m, o: lambda b: s(m, o, b))(step, model, optimizer)
+    jax.block_until_ready(calls[name](BATCHES[0]))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      for i in range(steps):
+        metrics = call(BATCHES[i % 4])
+      jax.block_until_ready(metrics)
+      times[name].append((time.perf_counter() - start) / steps * 1e6)
+  return {name: {"median_us": round(float(np.median(t))), "min_us": round(float(np.min(t))),
+                 "max_us": round(float(np.max(t)))} for name, t in times.items()}
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] == ["devices"]:
+    print(json.dumps(_devices()))
+  elif sys.argv[1:] == ["bench"]:
+    print(json.dumps(_bench(), indent=1))
+  elif sys.argv[1:] == ["figures"]:
+    print(json.dumps({name: equality_figures(name) for name in OPTIMIZERS}, indent=1))
