@@ -10,7 +10,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+
+try:
+  from flax import nnx
+except ImportError as e:   # flax is an optional dependency of sam_optax
+  raise ImportError("sam_optax.nnx needs flax: pip install \"sam-optax[flax]\".") from e
 
 import sam_optax
 
