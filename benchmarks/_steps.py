@@ -76,15 +76,10 @@ def _jit(fn):
 
 
 def sgd(loss_fn) -> Variant:
+  """The base optimizer alone, through sam_step's one-pass path (what a user A/B-tests)."""
   tx = base_optimizer()
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(params, opt_state, batch, batch_stats):
-    (loss, batch_stats), grads = grad_fn(params, batch, batch_stats)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
-
-  return Variant("sgd", "SGD (one pass, jit)", 1, _jit(step), tx.init, _plain_args, _plain_carry)
+  step = sam_optax.sam_step(loss_fn, tx, has_aux=True)
+  return Variant("sgd", "SGD (one pass, sam_step)", 1, step, tx.init, _plain_args, _sam_step_carry)
 
 
 def hand_written_sam(loss_fn) -> Variant:
@@ -133,9 +128,19 @@ def hand_written_sam_sps(loss_fn) -> Variant:
   )
 
 
-def sam_step(loss_fn, name: str, label: str, optimizer) -> Variant:
-  step = sam_optax.sam_step(loss_fn, optimizer, has_aux=True)  # jit + donation by default
+def sam_step(loss_fn, name: str, label: str, optimizer, **options) -> Variant:
+  step = sam_optax.sam_step(loss_fn, optimizer, has_aux=True, **options)  # jit + donation
   return Variant(name, label, 2, step, optimizer.init, _plain_args, _sam_step_carry)
+
+
+def microbatch_variants(loss_fn, ks=(1, 2, 4)) -> list[Variant]:
+  """sam_step + unified_sam(λ=1) with ``microbatches=k`` (exact accumulation), for memory."""
+  opt = lambda: sam_optax.unified_sam(base_optimizer(), rho=RHO, lambd=1.0)  # noqa: E731
+  return [
+      sam_step(loss_fn, f"sam_step_microbatches_{k}", f"sam_step + SAM, microbatches={k}",
+               opt(), microbatches=k)
+      for k in ks
+  ]
 
 
 def _contrib_sam(opaque: bool):

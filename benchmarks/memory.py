@@ -75,9 +75,17 @@ def bench_model(
       ratio = v["peak_bytes"] / by_name[floor]["peak_bytes"]
       checks.append({"target": f"{v['name']} peak <= 1.05 x {floor}", "value": ratio,
                      "met": ratio <= 1.05})
+  micro = [
+      {"name": v.name, "label": v.label, **analyse(v, params, batch_stats, batch)}
+      for v in _steps.microbatch_variants(loss_fn)
+  ]
+  for v in micro:
+    v["temp_ratio_to_k1"] = v["temp_bytes"] / micro[0]["temp_bytes"]
+    log(f"[{name}] {v['name']}: temporaries {v['temp_bytes'] / 2**20:.2f} MiB")
   return {
       "model": name,
       "params": _models.param_count(params),
+      "microbatches": micro,
       "param_bytes": int(param_bytes),
       "batch_size": spec.batch_size,
       "dtype": "float32",
@@ -112,6 +120,20 @@ def markdown(result: dict[str, Any]) -> str:
           f"{v['extra_over_sgd_in_params']:+.2f} |"
       )
     lines.append("")
+    if m.get("microbatches"):
+      lines += [
+          f"`sam_step(..., microbatches=k)` on {m['model']} (exact accumulation; the "
+          "temporaries hold the activations of one micro-batch):",
+          "",
+          "| k | temporaries MiB | × k = 1 | peak MiB |",
+          "|---:|---:|---:|---:|",
+      ]
+      for v in m["microbatches"]:
+        lines.append(
+            f"| {v['name'].rsplit('_', 1)[1]} | {v['temp_bytes'] / 2**20:.2f} | "
+            f"{v['temp_ratio_to_k1']:.2f} | {v['peak_bytes'] / 2**20:.2f} |"
+        )
+      lines.append("")
   lines += ["Targets:", ""]
   for m in result["models"]:
     for c in m["checks"]:

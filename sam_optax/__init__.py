@@ -22,7 +22,6 @@ from sam_optax._sam import sharpness_aware
 from sam_optax._sam import unified_sam
 from sam_optax._common import find_state
 from sam_optax._step import sam_step
-from sam_optax._variants import GSAMState
 from sam_optax._variants import IntervalSAMState
 from sam_optax._variants import gsam
 from sam_optax._variants import gsam_rho_schedule
@@ -33,7 +32,6 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DynamicLossScaleState",
-    "GSAMState",
     "IntervalSAMState",
     "PolyakStepSizeState",
     "SAMState",

@@ -93,6 +93,22 @@ def check_scalar_hyperparam(
     raise ValueError(f"`{name}` must be <= {high}, got {value!r}.")
 
 
+DEFAULT_EPS = 1e-12
+
+
+def default_eps(eps: Any) -> Any:
+  """``eps`` validated, with None meaning :data:`DEFAULT_EPS`.
+
+  The factories default to None, not 1e-12, so that ``optax.inject_hyperparams``
+  (which injects every numeric argument, cast to the parameters' dtype) leaves
+  it static: 1e-12 rounds to 0 in float16.
+  """
+  if eps is None:
+    return DEFAULT_EPS
+  check_scalar_hyperparam("eps", eps, low=0.0, low_open=True, allow_schedule=False)
+  return eps
+
+
 def find_state(tree: Any, cls: type) -> Any:
   """The first sub-state of type `cls` inside an optimizer state, or None.
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
+from sam_optax import _protocol
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -26,14 +27,12 @@ class DynamicLossScaleState(NamedTuple):
   good_steps: jax.Array
   skipped: jax.Array
 
+  def sam_loss_scale(self) -> jax.Array:
+    """The factor :func:`sam_step` multiplies the loss by in both passes."""
+    return self.scale
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [
-      jnp.all(jnp.isfinite(x))
-      for x in jax.tree.leaves(tree)
-      if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  def sam_metrics(self) -> dict[str, jax.Array]:
+    return {"loss_scale": self.scale, "skipped": self.skipped}
 
 
 def dynamic_loss_scale(
@@ -65,26 +64,52 @@ def dynamic_loss_scale(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` for use with :func:`sam_step`.
+
+  References:
+    Micikevicius et al., *Mixed Precision Training*, ICLR 2018, `arXiv:1710.03740 <https://arxiv.org/abs/1710.03740>`__.
   """
   _common.check_scalar_hyperparam("init_scale", init_scale, low=0.0, low_open=True, allow_schedule=False)
   _common.check_scalar_hyperparam("min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False)
-  if not isinstance(growth_interval, int) or growth_interval < 1:
+  # Concrete values are checked here; traced ones (optax.inject_hyperparams) are not.
+  if _common.is_concrete_number(growth_interval) and (
+      int(growth_interval) != growth_interval or growth_interval < 1
+  ):
     raise ValueError(f"`growth_interval` must be a positive int, got {growth_interval!r}.")
-  if not growth_factor > 1.0:
-    raise ValueError(f"`growth_factor` must be > 1, got {growth_factor!r}.")
-  if not 0.0 < backoff_factor < 1.0:
+  _common.check_scalar_hyperparam(
+      "growth_interval", growth_interval, low=1.0, allow_schedule=False
+  )
+  _common.check_scalar_hyperparam(
+      "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
+  )
+  _common.check_scalar_hyperparam(
+      "backoff_factor", backoff_factor, low=0.0, low_open=True, high=1.0, allow_schedule=False
+  )
+  if _common.is_concrete_number(backoff_factor) and float(backoff_factor) == 1.0:
     raise ValueError(f"`backoff_factor` must be in (0, 1), got {backoff_factor!r}.")
   optimizer = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
+    inner = optimizer.init(params)
+    if any(isinstance(n, DynamicLossScaleState) for n in _protocol.nodes(inner)):
+      raise ValueError(
+          "dynamic_loss_scale is nested inside another dynamic_loss_scale: the loss would "
+          "be scaled once and unscaled twice. Wrap the optimizer once."
+      )
     return DynamicLossScaleState(
-        inner=optimizer.init(params),
+        inner=inner,
         scale=jnp.asarray(init_scale, jnp.float32),
         good_steps=jnp.zeros([], jnp.int32),
         skipped=jnp.array(False),
     )
 
-  def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+  ):
+    _protocol.check_local_ascent(
+        sam_context, "dynamic_loss_scale",
+        "its overflow check reads each replica's own gradient, so replicas could disagree "
+        "on skipping a step (use bfloat16 instead of float16 for local ascent)",
+    )
     inv_scale = 1.0 / state.scale
 
     def unscale(tree):
@@ -97,8 +122,11 @@ def dynamic_loss_scale(
         return jnp.asarray(value, jnp.float32) * inv_scale, unscale(g)
 
       extra_args["value_and_grad_fn"] = unscaled_value_and_grad
+    if sam_context is not None:
+      # The unscaled gradient is the clean gradient the wrapped optimizer must see.
+      extra_args["sam_context"] = sam_context._replace(clean_grads=grads)
     new_updates, new_inner = optimizer.update(grads, state.inner, params, **extra_args)
-    finite = _all_finite(grads) & _all_finite(new_updates) & _all_finite(new_inner)
+    finite = _protocol.all_finite(grads) & _protocol.all_finite(new_updates) & _protocol.all_finite(new_inner)
 
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
     new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_inner, state.inner)

@@ -21,16 +21,23 @@ class UnifiedPerturbationState(NamedTuple):
   Attributes:
     count: number of perturbations computed so far (int32); the next one is
       step ``t = count + 1``.
-    rho: ρ_t used by the last step.
-    lambd: λ_t used by the last step.
+    rho_t: ρ_t used by the last step.
+    lambda_t: λ_t used by the last step.
     grad_norm: global norm ‖g‖ of the last gradient (the clean gradient, before
       any adaptive scaling).
+
+  The fields are not named after the hyperparameters (``rho``, ``lambd``), so
+  that ``optax.tree_utils.tree_get(state, "rho")`` finds the injected value of
+  ``optax.inject_hyperparams``.
   """
 
   count: jax.Array
-  rho: jax.Array
-  lambd: jax.Array
+  rho_t: jax.Array
+  lambda_t: jax.Array
   grad_norm: jax.Array
+
+  def sam_metrics(self) -> dict[str, jax.Array]:
+    return {"grad_norm": self.grad_norm, "rho": self.rho_t, "lambda": self.lambda_t}
 
 
 def lambda_schedule(lambd: Any) -> Any:
@@ -61,7 +68,7 @@ def unified_perturbation(
     lambd: Any = 1.0,
     *,
     norm: str = "l2",
-    eps: float = 1e-12,
+    eps: float | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
     mask: Any = None,
@@ -95,9 +102,14 @@ def unified_perturbation(
 
   Args:
     rho: the radius ρ (≥ 0), a float or an optax schedule of the 0-based count.
+      The count advances once per ``update`` call: once per step, and once per
+      micro-step when the caller accumulates with ``optax.MultiSteps`` (use
+      ``sam_step(..., microbatches=k)`` to accumulate inside one step instead).
     lambd: λ in [0, 1], ``"1/t"``, ``"1-1/t"``, or a schedule of the 0-based count.
     norm: ``"l2"`` (default) or ``"linf"``.
-    eps: guards the division by the norm; a zero gradient gives δ = 0.
+    eps: guards the division by the norm (default 1e-12); a zero gradient gives
+      δ = 0. The default is None rather than 1e-12 so that
+      ``optax.inject_hyperparams`` does not inject it (it would round to 0 in float16).
     adaptive: use ASAM's adaptive (parameter-scaled) ball; needs ``params``.
     eta: ASAM's offset η in T = |x| + η. T ≈ |x| is well below 1 for most
       weights, so ‖δ‖ is much smaller than ρ: ASAM needs a ρ about ten times
@@ -122,15 +134,18 @@ def unified_perturbation(
     [0.06, 0.08]
 
   References:
-    Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
-    Improved Rates*, ICLR 2025. Foret et al., *Sharpness-Aware Minimization for
-    Efficiently Improving Generalization*, ICLR 2021. Kwon et al., *ASAM*, ICML 2021.
+    - Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
+      Improved Rates*, ICLR 2025, `arXiv:2503.02225 <https://arxiv.org/abs/2503.02225>`__.
+    - Foret et al., *Sharpness-Aware Minimization for Efficiently Improving
+      Generalization*, ICLR 2021, `arXiv:2010.01412 <https://arxiv.org/abs/2010.01412>`__.
+    - Kwon et al., *ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+      Learning of Deep Neural Networks*, ICML 2021, `arXiv:2102.11600 <https://arxiv.org/abs/2102.11600>`__.
   """
   _common.check_scalar_hyperparam("rho", rho, low=0.0)
   lambd = lambda_schedule(lambd)
   if norm not in _NORMS:
     raise ValueError(f"`norm` must be one of {_NORMS}, got {norm!r}.")
-  _common.check_scalar_hyperparam("eps", eps, low=0.0, low_open=True, allow_schedule=False)
+  eps = _common.default_eps(eps)
   if adaptive:
     _common.check_scalar_hyperparam("eta", eta, low=0.0, allow_schedule=False)
   elif mask is not None:
@@ -145,8 +160,8 @@ def unified_perturbation(
     # One buffer per field: a shared array could not be donated to a compiled step.
     return UnifiedPerturbationState(
         count=jnp.zeros([], jnp.int32),
-        rho=jnp.zeros([], dtype),
-        lambd=jnp.zeros([], dtype),
+        rho_t=jnp.zeros([], dtype),
+        lambda_t=jnp.zeros([], dtype),
         grad_norm=jnp.zeros([], dtype),
     )
 
@@ -186,8 +201,8 @@ def unified_perturbation(
 
     new_state = UnifiedPerturbationState(
         count=optax.safe_increment(state.count),
-        rho=rho_t.astype(state.rho.dtype),
-        lambd=lambd_t.astype(state.lambd.dtype),
+        rho_t=rho_t.astype(state.rho_t.dtype),
+        lambda_t=lambd_t.astype(state.lambda_t.dtype),
         grad_norm=grad_norm.astype(state.grad_norm.dtype),
     )
     return delta, new_state

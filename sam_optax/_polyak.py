@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
+from sam_optax import _protocol
 
 
 class PolyakStepSizeState(NamedTuple):
@@ -22,13 +23,16 @@ class PolyakStepSizeState(NamedTuple):
   count: jax.Array
   step_size: jax.Array
 
+  def sam_metrics(self) -> dict[str, jax.Array]:
+    return {"step_size": self.step_size}
+
 
 def polyak_step_size(
     f_star: optax.ScalarOrSchedule = 0.0,
     gamma_b: optax.ScalarOrSchedule = 1.0,
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    eps: float = 1e-12,
+    eps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Stochastic Polyak scheduler of SAM-SPS, capped at γ_b.
 
@@ -51,7 +55,8 @@ def polyak_step_size(
     f_star: lower bound f* on the (mini-batch) loss; 0 for non-negative losses.
     gamma_b: cap γ_b > 0 on the step size.
     weight_decay: coupled L2 coefficient (≥ 0) added at x; needs ``params``.
-    eps: floor of the squared gradient norm in the denominator.
+    eps: floor of the squared gradient norm in the denominator (default 1e-12;
+      None keeps it out of ``optax.inject_hyperparams``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -67,13 +72,15 @@ def polyak_step_size(
     0.25
 
   References:
-    Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
-    Step Size*, 2025. Loizou et al., *Stochastic Polyak Step-size for SGD*, AISTATS 2021.
+    - Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
+      Step Size: A Theory-Grounded Scheduler*, 2026, `arXiv:2606.01827 <https://arxiv.org/abs/2606.01827>`__.
+    - Loizou et al., *Stochastic Polyak Step-size for SGD: An Adaptive Learning Rate
+      for Fast Convergence*, AISTATS 2021, `arXiv:2002.10542 <https://arxiv.org/abs/2002.10542>`__.
   """
   _common.check_scalar_hyperparam("f_star", f_star)
   _common.check_scalar_hyperparam("gamma_b", gamma_b, low=0.0, low_open=True)
   _common.check_scalar_hyperparam("weight_decay", weight_decay, low=0.0)
-  _common.check_scalar_hyperparam("eps", eps, low=0.0, low_open=True, allow_schedule=False)
+  eps = _common.default_eps(eps)
   no_decay = _common.is_concrete_number(weight_decay) and float(weight_decay) == 0.0
 
   def init_fn(params):
@@ -82,8 +89,15 @@ def polyak_step_size(
         step_size=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, perturbation=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value=None, perturbation=None, sam_context=None,
+      **extra_args,
+  ):
     del extra_args
+    _protocol.check_local_ascent(
+        sam_context, "the Polyak step size (sam_sps)",
+        "γ_t uses <∇f(e), δ> with each replica's own δ",
+    )
     if value is None:
       raise ValueError(
           "polyak_step_size needs the loss at the point the gradient was taken: "

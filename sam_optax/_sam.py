@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
+from sam_optax import _protocol
 from sam_optax._perturbation import unified_perturbation
 from sam_optax._polyak import polyak_step_size
 
@@ -27,6 +28,11 @@ class SAMState(NamedTuple):
   perturbation: optax.OptState
   descent: optax.OptState
   perturbed_loss: jax.Array
+
+  sam_two_pass = True  # read by sam_step's checks (see _protocol)
+
+  def sam_metrics(self) -> dict[str, jax.Array]:
+    return {"perturbed_loss": self.perturbed_loss}
 
 
 def sharpness_aware(
@@ -68,19 +74,39 @@ def sharpness_aware(
         perturbed_loss=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
-  def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+  ):
     if params is None:
       raise ValueError("A SAM optimizer's update needs `params` (the point x).")
     if value_and_grad_fn is None:
       raise ValueError(
           "A SAM optimizer's update needs the keyword argument "
           "`value_and_grad_fn(params) -> (loss, grads)` to evaluate the perturbed "
-          "point; or use sam_optax.sam_step, which passes it for you."
+          "point; use sam_optax.sam_step, which passes it for you. If you did, a wrapper "
+          "around the SAM optimizer dropped it: wrappers that take no extra arguments "
+          "(optax.lookahead, optax.MultiSteps, GradientTransformation(...) built by hand) "
+          "cannot hold a SAM optimizer. Put them inside the base optimizer, "
+          "unified_sam(wrapper(base), ...); for gradient accumulation use "
+          "sam_step(..., microbatches=k)."
       )
+    _protocol.check_clean_gradient(updates, sam_context)
+    if sam_context is None and _has_masked_node(params):
+      raise ValueError(
+          "A masked SAM optimizer (optax.masked / optax.multi_transform around it) in a "
+          "plain loop would call your value_and_grad_fn with optax.MaskedNode leaves. "
+          "Use sam_optax.sam_step, which evaluates the masked-out leaves at x."
+      )
+    local_axes = sam_context.local_axes if sam_context is not None else ()
     delta, perturbation_state = perturbation.update(updates, state.perturbation, params)
+    # With a local ascent each replica has its own δ; their states are averaged so
+    # that replicas stay identical.
+    perturbation_state = _protocol.mean_floating(perturbation_state, local_axes)
     perturbed_params = optax.apply_updates(params, delta)
-    perturbed_loss, perturbed_grads = value_and_grad_fn(perturbed_params)
+    perturbed_loss, perturbed_grads = _split_value(value_and_grad_fn(perturbed_params))
     extra_args = {**extra_args, "value": perturbed_loss, "perturbation": delta}
+    if sam_context is not None:
+      extra_args["sam_context"] = sam_context
     new_updates, descent_state = descent.update(
         perturbed_grads, state.descent, params, **extra_args
     )
@@ -94,13 +120,40 @@ def sharpness_aware(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _split_value(out: Any) -> tuple[jax.Array, Any]:
+  """``(loss, grads)`` from a value_and_grad_fn's output; ``((loss, aux), grads)`` is accepted."""
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    raise TypeError(
+        "`value_and_grad_fn(params)` must return a pair (loss, grads); got "
+        f"{type(out).__name__}."
+    )
+  value, grads = out
+  if isinstance(value, (tuple, list)) and len(value) == 2:
+    value = value[0]  # jax.value_and_grad(..., has_aux=True): the aux is not needed here
+  try:
+    shape = jnp.shape(value)
+  except TypeError:
+    shape = None
+  if shape != ():
+    raise TypeError(
+        "`value_and_grad_fn(params)` must return (loss, grads) with a scalar loss; got a "
+        f"loss of type {type(value).__name__} and shape {shape}."
+    )
+  return value, grads
+
+
+def _has_masked_node(tree: Any) -> bool:
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
+
+
 def unified_sam(
     base_optimizer: optax.GradientTransformation,
     rho: optax.ScalarOrSchedule = 0.05,
     lambd: Any = 1.0,
     *,
     norm: str = "l2",
-    eps: float = 1e-12,
+    eps: float | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
     mask: Any = None,
@@ -133,11 +186,11 @@ def unified_sam(
     >>> step = sam_optax.sam_step(loss, opt, donate=False)
     >>> params, state, metrics = step(params, opt.init(params), jnp.eye(3))
     >>> sorted(metrics)
-    ['grad_norm', 'lambda', 'loss', 'perturbed_loss', 'rho', 'sharpness']
+    ['finite', 'grad_norm', 'lambda', 'loss', 'perturbed_loss', 'rho', 'sharpness']
 
   References:
     Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and
-    Improved Rates*, ICLR 2025.
+    Improved Rates*, ICLR 2025, `arXiv:2503.02225 <https://arxiv.org/abs/2503.02225>`__.
   """
   if not hasattr(base_optimizer, "init") or not hasattr(base_optimizer, "update"):
     raise ValueError(
@@ -157,7 +210,7 @@ def sam_sps(
     weight_decay: optax.ScalarOrSchedule = 5e-4,
     *,
     norm: str = "l2",
-    eps: float = 1e-12,
+    eps: float | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
     mask: Any = None,
@@ -184,7 +237,7 @@ def sam_sps(
 
   References:
     Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type
-    Step Size: A Theory-Grounded Scheduler*, 2025.
+    Step Size: A Theory-Grounded Scheduler*, 2026, `arXiv:2606.01827 <https://arxiv.org/abs/2606.01827>`__.
   """
   perturbation = unified_perturbation(
       rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask

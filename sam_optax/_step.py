@@ -1,25 +1,19 @@
-"""`sam_step`: the jit-compiled two-pass SAM training step."""
+"""`sam_step`: the jit-compiled training step for two-pass (SAM) and one-pass optimizers."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax import _common
 from sam_optax import _parallel
-from sam_optax._common import find_state
-from sam_optax._loss_scale import DynamicLossScaleState
-from sam_optax._perturbation import UnifiedPerturbationState
-from sam_optax._polyak import PolyakStepSizeState
-from sam_optax._sam import SAMState
-from sam_optax._variants import GSAMState
-from sam_optax._variants import IntervalSAMState
+from sam_optax import _protocol
 
 _ASCENT_MODES = ("sync", "local")
-# Variants whose descent uses the clean gradient: wrong with a per-replica (local) ascent.
-_CLEAN_GRADIENT_DESCENTS = ((GSAMState, "gsam"), (IntervalSAMState, "interval_sam/looksam"))
 # The vmapped axis of `groups=m` (m-sharpness without pmap).
 _GROUP_AXIS = "sam_optax_groups"
 
@@ -48,33 +42,66 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
 
 def sam_step(
     loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformationExtraArgs,
+    optimizer: optax.GradientTransformation,
     *,
     has_aux: bool = False,
     axis_name: str | None = None,
     ascent: str = "sync",
     groups: int | None = None,
+    microbatches: int | None = None,
+    skip_nonfinite: bool = True,
     jit: bool = True,
     donate: bool = True,
+    host_dispatch: bool | None = None,
 ) -> Callable[..., Any]:
-  """Builds the two-pass SAM training step for a loss function and a SAM optimizer.
+  """Builds the jit-compiled training step of a loss function and an optimizer.
 
   The returned pure function ``step(params, opt_state, batch, *args)`` runs
 
   1. the clean pass ``loss, g = value_and_grad(loss_fn)(params, batch, *args)``;
-  2. the ascent ``δ`` from g and ``e = params + δ`` (inside ``optimizer.update``);
-  3. the perturbed pass ``value_and_grad(loss_fn)(e, batch, *args)`` with the same
-     batch and the same ``*args`` (so the same dropout key);
-  4. the descent from ∇f(e), applied at ``params``,
+  2. ``optimizer.update(g, opt_state, params, value_and_grad_fn=..., sam_context=...)``.
+     A two-pass (SAM) optimizer computes the ascent ``δ`` and ``e = params + δ``,
+     calls ``value_and_grad_fn(e)`` -- the perturbed pass, with the same batch and
+     the same ``*args`` (so the same dropout key) -- and descends from ∇f(e) at
+     ``params``. A one-pass optax optimizer (``optax.sgd``, ``optax.adamw``, ...)
+     ignores both extra arguments: the step is then a plain one-pass step with
+     the same call and metrics, so SGD and SAM are A/B-tested by swapping the
+     optimizer;
 
   and returns ``(params, opt_state, metrics)``, or ``(params, opt_state, metrics,
   aux)`` when ``has_aux=True``, where ``aux`` (e.g. new batch-norm statistics)
   comes from the clean pass; the perturbed pass's aux is discarded.
 
-  ``metrics`` holds arrays: ``loss`` f(x), ``perturbed_loss`` f(e),
-  ``sharpness`` f(e) - f(x), ``grad_norm`` ‖g‖, ``lambda`` λ_t, ``rho`` ρ_t, and,
-  for SAM-SPS, ``step_size`` γ_t; with :func:`dynamic_loss_scale` also
-  ``loss_scale`` and ``skipped``.
+  ``metrics`` holds arrays: ``loss`` f(x), ``grad_norm`` ‖g‖, ``finite`` (False
+  when the clean loss or gradient, the perturbed loss, the update or the new
+  state was not finite), and what the optimizer's states report: ``perturbed_loss``
+  f(e) and ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and
+  ``rho`` ρ_t (:func:`unified_perturbation`), ``step_size`` γ_t (SAM-SPS),
+  ``loss_scale`` and ``skipped`` (:func:`dynamic_loss_scale`).
+
+  The step knows no optimizer by type: the optimizer's components read the
+  ``sam_context`` extra argument (the clean gradient, whether the ascent is
+  local) and raise their own errors, and report metrics through their states.
+  Wrapping a SAM optimizer in a transform that changes the gradient before it
+  (``optax.chain(clip, sam)``, ``optax.MultiSteps(sam)``) raises a ValueError
+  that says where the transform goes (the README's "Composing with optax").
+
+  Non-finite steps. With ``skip_nonfinite=True`` (default) the step never
+  applies a non-finite update or optimizer state: the whole step is skipped
+  (parameters and state, counters included, unchanged) and ``finite`` is False.
+  A non-finite clean pass makes δ and so the perturbed pass non-finite, so both
+  passes are covered. ``optax.apply_if_finite(opt)`` composes with it: it skips
+  a non-finite clean gradient itself and counts it. Pass ``False`` for optax's
+  usual behaviour (the values propagate).
+
+  Gradient accumulation. ``microbatches=k`` splits the batch's leading axis
+  into k equal micro-batches and runs each pass as a ``lax.scan`` over them:
+  the ascent uses the mean clean gradient, every micro-batch's perturbed
+  gradient is taken at the same e, and the descent uses their mean, so the step
+  equals the one-shot step on the whole batch to round-off (for a loss that is
+  a mean over examples; ``has_aux`` leaves are averaged over the micro-batches)
+  while holding the activations of one micro-batch at a time. ``*args`` (e.g. a
+  dropout key) are shared by all micro-batches.
 
   Data parallelism. Under ``jax.jit`` with the batch sharded over a mesh axis
   and the parameters replicated, the plain step (no ``axis_name``) already
@@ -96,16 +123,18 @@ def sam_step(
   on one device (or under sharded ``jit``, with an ``Auto`` mesh axis): it
   splits the batch's leading axis into m equal groups, each perturbed with its
   own gradient. In local mode the ascent's state (e.g. ``grad_norm``) holds the
-  average over replicas/groups, so replicas stay identical; SAM-SPS and
-  :func:`dynamic_loss_scale` are not supported there (the step size and the
-  overflow check would use each replica's own δ or gradient).
+  average over replicas/groups, so replicas stay identical; components whose
+  result would differ per replica (SAM-SPS, :func:`dynamic_loss_scale`,
+  :func:`gsam`, :func:`interval_sam`, :func:`looksam`, one-pass optimizers)
+  raise a ValueError.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux=True``.
-    optimizer: a two-pass optimizer: :func:`unified_sam`, :func:`sam_sps`,
-      :func:`sharpness_aware`, possibly wrapped (``inject_hyperparams``,
-      :func:`dynamic_loss_scale`).
+    optimizer: any optax transformation: a two-pass optimizer
+      (:func:`unified_sam`, :func:`sam_sps`, :func:`sharpness_aware`, the
+      variants, possibly wrapped in ``inject_hyperparams``, ``apply_if_finite``,
+      :func:`dynamic_loss_scale`, ``masked``, ``multi_transform``), or a one-pass one.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis_name: the ``pmap``/``shard_map`` axis to average over, or None. The
       step raises a ValueError at trace time when no enclosing transform binds it.
@@ -115,9 +144,21 @@ def sam_step(
     groups: with ``ascent="local"``, split each replica's batch into this many
       equal groups along the leading axis of every batch leaf; ``*args`` are
       shared by all groups. The batch size must be divisible by ``groups``.
+    microbatches: split each pass over this many equal micro-batches (exact
+      gradient accumulation); the batch (per group) must be divisible by it.
+    skip_nonfinite: skip a step whose update or new state is not finite (see
+      "Non-finite steps").
     jit: compile the step with ``jax.jit``.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
-      buffers are reused; do not use them after the call).
+      buffers are reused; do not use them after the call). Every error is
+      raised while tracing, before anything is computed or donated.
+    host_dispatch: for optimizers that evaluate the perturbed pass on some steps
+      only (:func:`interval_sam`, :func:`looksam`): compile one program per kind
+      of step and choose on the host from the step counter in ``opt_state``
+      (True), or choose inside one program with ``lax.cond`` (False). None
+      (default) is True on CPU, where XLA runs convolution gradients much
+      slower inside a ``cond`` branch, and False elsewhere. Needs ``jit=True``;
+      both give the same trajectory.
 
   Returns:
     The step function.
@@ -137,31 +178,30 @@ def sam_step(
     raise ValueError(f"`ascent` must be one of {_ASCENT_MODES}, got {ascent!r}.")
   if axis_name is not None and not isinstance(axis_name, str):
     raise ValueError(f"`axis_name` must be a string or None, got {axis_name!r}.")
-  if groups is not None:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-      raise ValueError(f"`groups` must be a positive int or None, got {groups!r}.")
-    if ascent != "local":
-      raise ValueError(
-          "`groups` splits the batch for m-sharpness and needs ascent='local'; "
-          "with ascent='sync' the step is the same as without groups."
-      )
+  for name, value in (("groups", groups), ("microbatches", microbatches)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+  if groups is not None and ascent != "local":
+    raise ValueError(
+        "`groups` splits the batch for m-sharpness and needs ascent='local'; "
+        "with ascent='sync' the step is the same as without groups."
+    )
   if ascent == "local" and axis_name is None and groups is None:
     raise ValueError(
         "`ascent='local'` (m-sharpness) needs an `axis_name` (pmap/shard_map) "
         "or `groups=m` (split the batch into m groups)."
     )
+  optimizer = optax.with_extra_args_support(optimizer)
 
   data_axes = tuple(a for a in (axis_name, _GROUP_AXIS if groups else None) if a)
-  ascent_axes = data_axes if ascent == "sync" else ()
+  local_axes = data_axes if ascent == "local" else ()
+  ascent_axes = () if local_axes else data_axes
 
   def mean(tree, axes):
     return jax.lax.pmean(tree, axes) if axes else tree
 
-  def mean_floating(tree, axes):
-    return jax.tree.map(lambda x: mean(x, axes) if _is_floating(x) else x, tree)
-
-  def body(params, opt_state, batch, *args):
-    loss_scale = find_state(opt_state, DynamicLossScaleState)
+  def body(params, opt_state, batch, *args, perturb=None, discovered=None):
+    loss_scale = _protocol.loss_scale(opt_state)
     # Under shard_map(check_vma=True), autodiff sums the gradient of a replicated
     # input over the axis; differentiate at a copy marked as varying instead, so
     # each device gets its own gradient (as under pmap) and the means below apply.
@@ -169,98 +209,179 @@ def sam_step(
         axis_name in _varying_axes(x) for x in jax.tree.leaves(batch))
     as_varying = (lambda p: _mark_varying(p, axis_name)) if vary else (lambda p: p)
 
-    def scaled_loss(p):
-      loss, aux = _split_loss(loss_fn(p, batch, *args), has_aux)
+    def scaled_loss(p, b):
+      loss, aux = _split_loss(loss_fn(p, b, *args), has_aux)
       if loss_scale is None:
         return loss, (loss, aux)
-      return loss.astype(jnp.float32) * loss_scale.scale, (loss, aux)
+      return loss.astype(jnp.float32) * loss_scale, (loss, aux)
 
-    value_and_grad = jax.value_and_grad(scaled_loss, has_aux=True)
-
-    (_, (loss, aux)), grads = value_and_grad(as_varying(params))
-    grads = mean(grads, ascent_axes)
-
-    def value_and_grad_fn(p):
-      (value, _), g = value_and_grad(as_varying(p))  # the perturbed pass's aux is discarded
-      return mean((value, g), data_axes)
-
-    updates, new_opt_state = optimizer.update(
-        grads, opt_state, params, value_and_grad_fn=value_and_grad_fn
+    value_and_grad = _over_microbatches(
+        jax.value_and_grad(scaled_loss, has_aux=True), microbatches
     )
-    if ascent == "local":
-      new_opt_state = _map_sam_states(
-          lambda s: s._replace(perturbation=mean_floating(s.perturbation, data_axes)),
-          new_opt_state,
+
+    (_, (loss, aux)), grads = value_and_grad(as_varying(params), batch)
+    grads = mean(grads, ascent_axes)
+    passes = []  # trace-time record of the perturbed passes the optimizer asked for
+
+    def value_and_grad_fn(e):
+      passes.append(True)
+      # The perturbed pass; its aux (e.g. batch statistics) is dropped. A masked SAM
+      # (optax.masked, multi_transform) passes only its leaves: the others stay at x.
+      (value, _), g = value_and_grad(as_varying(_fill_masked(e, params)), batch)
+      value, g = mean((value, g), data_axes)
+      return value, _mask_like(g, e)
+
+    selectors = [] if discovered is not None else None
+    context = _protocol.StepContext(
+        clean_grads=grads, local_axes=local_axes, perturb=perturb, host_selectors=selectors
+    )
+    updates, new_opt_state = optimizer.update(
+        grads, opt_state, params, value_and_grad_fn=value_and_grad_fn,
+        sam_context=context,
+    )
+    for node, select in selectors or ():
+      path = _protocol.node_path(opt_state, node)
+      discovered.append(None if path is None else (path, select))
+    if local_axes and not passes:
+      raise ValueError(
+          "`ascent='local'` (m-sharpness) needs a two-pass (SAM) optimizer; a one-pass "
+          "optimizer would apply each replica's own gradient and the replicas would "
+          "diverge. Use ascent='sync'."
       )
     new_params = optax.apply_updates(params, updates)
-
-    metrics = mean_floating(_metrics(loss, new_opt_state), data_axes)
+    metrics = _metrics(loss, grads, new_opt_state, loss_scale)
+    if skip_nonfinite:
+      # Never apply a non-finite update or state: the whole step is skipped (counters
+      # included), on every replica alike. Selecting after the update keeps finite
+      # steps bit for bit.
+      ok = _all(_protocol.all_finite(updates) & _protocol.all_finite(new_opt_state), data_axes)
+      new_params = _select(ok, new_params, params)
+      new_opt_state = _select(ok, new_opt_state, opt_state)
+      metrics["finite"] = metrics["finite"] & ok
+    metrics["finite"] = _all(metrics["finite"], data_axes)
+    metrics = _protocol.mean_floating(metrics, data_axes)
     if has_aux:
-      return new_params, new_opt_state, metrics, mean_floating(aux, data_axes)
+      return new_params, new_opt_state, metrics, _protocol.mean_floating(aux, data_axes)
     return new_params, new_opt_state, metrics
 
-  def step(params, opt_state, batch, *args):
+  def step(params, opt_state, batch, *args, perturb=None, discovered=None):
     # All checks run at trace time, before any compute.
     if axis_name is not None:
       _check_axis_bound(axis_name)
-    if find_state(opt_state, SAMState) is None:
-      raise TypeError(
-          "sam_step needs a two-pass optimizer (sam_optax.unified_sam, sam_sps or "
-          "sharpness_aware); its state has no SAMState."
+    _protocol.check_wrappers(opt_state)
+    if has_aux and (groups or microbatches):
+      _check_aux_floating(
+          jax.eval_shape(lambda: loss_fn(params, batch, *args))[1],
+          "groups" if groups else "microbatches",
       )
-    if ascent == "local" and find_state(opt_state, PolyakStepSizeState) is not None:
-      raise ValueError(
-          "`ascent='local'` (m-sharpness) is not supported with SAM-SPS: its Polyak "
-          "step size uses <∇f(e), δ> with each replica's own δ, so the replicas "
-          "would take different steps. Use ascent='sync'."
+    if microbatches:
+      per_group = groups or 1
+      _parallel.check_batch_divisible(
+          batch, per_group * microbatches,
+          what=f"{per_group * microbatches} parts (groups × microbatches)",
       )
-    for cls, name in _CLEAN_GRADIENT_DESCENTS:
-      if ascent == "local" and find_state(opt_state, cls) is not None:
-        raise ValueError(
-            f"`ascent='local'` (m-sharpness) is not supported with {name}: its descent "
-            "uses the clean gradient, which is each replica's (or group's) own in local "
-            "mode, so the replicas would take different steps. Use ascent='sync'."
-        )
-    if ascent == "local" and find_state(opt_state, DynamicLossScaleState) is not None:
-      raise ValueError(
-          "`ascent='local'` (m-sharpness) is not supported with dynamic_loss_scale: "
-          "its overflow check reads each replica's own gradient, so the replicas "
-          "could disagree on skipping a step. Use ascent='sync' (or bfloat16)."
-      )
+    run = functools.partial(body, perturb=perturb, discovered=discovered)
     if groups is None:
-      return body(params, opt_state, batch, *args)
-    if has_aux:
-      _check_aux_floating(jax.eval_shape(lambda: loss_fn(params, batch, *args))[1])
+      return run(params, opt_state, batch, *args)
     _check_groups_splittable(batch)
     grouped = _parallel.split_leading_axis(batch, groups, what=f"groups={groups}")
     in_axes = (None, None, 0) + (None,) * len(args)
-    return jax.vmap(body, in_axes=in_axes, out_axes=None, axis_name=_GROUP_AXIS)(
+    return jax.vmap(run, in_axes=in_axes, out_axes=None, axis_name=_GROUP_AXIS)(
         params, opt_state, grouped, *args
     )
 
-  if jit:
-    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  return step
+  if not jit:
+    return step
+  donate_argnums = (0, 1) if donate else ()
+  compiled = jax.jit(step, donate_argnums=donate_argnums)
+  if host_dispatch is None:
+    use_host = jax.default_backend() == "cpu"
+  else:
+    use_host = bool(host_dispatch)
+  if not use_host:
+    return compiled
+  by_kind = {
+      kind: jax.jit(functools.partial(step, perturb=kind), donate_argnums=donate_argnums)
+      for kind in (True, False)
+  }
+  plans: dict[Any, Any] = {}
+
+  @functools.wraps(compiled)
+  def dispatch(params, opt_state, batch, *args):
+    key = jax.tree.structure(opt_state)
+    if key not in plans:
+      # One trace (no compilation) finds the component that selects its passes.
+      found: list = []
+      jax.eval_shape(functools.partial(step, discovered=found), params, opt_state, batch, *args)
+      plans[key] = found[0] if len(found) == 1 else None
+    plan = plans[key]
+    if plan is None:
+      return compiled(params, opt_state, batch, *args)
+    path, select = plan
+    return by_kind[bool(select(_protocol.node_at(opt_state, path)))](
+        params, opt_state, batch, *args
+    )
+
+  return dispatch
 
 
-def _check_aux_floating(aux: Any) -> None:
+def _all(flag: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """Logical and of a boolean over the data axes (the same answer on every replica)."""
+  return jax.lax.pmin(flag.astype(jnp.int32), axes).astype(bool) if axes else flag
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _over_microbatches(value_and_grad: Callable[..., Any], k: int | None) -> Callable[..., Any]:
+  """``value_and_grad(p, batch)`` as the mean over k equal micro-batches (a ``lax.scan``).
+
+  Sums are accumulated in at least float32 and cast back to each leaf's dtype.
+  """
+  if not k or k == 1:
+    return value_and_grad
+
+  def mean_value_and_grad(p, batch):
+    parts = _parallel.split_leading_axis(batch, k, what=f"microbatches={k}")
+    shapes = jax.eval_shape(value_and_grad, p, jax.tree.map(lambda x: x[0], parts))
+    acc_dtype = lambda s: jnp.promote_types(s.dtype, jnp.float32)  # noqa: E731
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s)), shapes)
+
+    def add(total, part):
+      out = value_and_grad(p, part)
+      return jax.tree.map(lambda t, o: t + o.astype(t.dtype), total, out), None
+
+    total, _ = jax.lax.scan(add, zeros, parts)
+    return jax.tree.map(lambda t, s: (t / k).astype(s.dtype), total, shapes)
+
+  return mean_value_and_grad
+
+
+def _fill_masked(p: Any, params: Any) -> Any:
+  """``p`` with the ``optax.MaskedNode`` leaves of a masked SAM filled from x (not perturbed)."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  if not any(is_masked(x) for x in jax.tree.leaves(p, is_leaf=is_masked)):
+    return p
+  return jax.tree.map(lambda e, x: x if is_masked(e) else e, p, params, is_leaf=is_masked)
+
+
+def _mask_like(grads: Any, e: Any) -> Any:
+  """The gradient with ``optax.MaskedNode`` where the masked SAM's point ``e`` has them."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  if not any(is_masked(x) for x in jax.tree.leaves(e, is_leaf=is_masked)):
+    return grads
+  return jax.tree.map(lambda m, g: m if is_masked(m) else g, e, grads, is_leaf=is_masked)
+
+
+def _check_aux_floating(aux: Any, option: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(aux):
-    if not _is_floating(leaf):
+    if not _protocol.is_floating(leaf):
       raise TypeError(
-          "sam_step(groups=...) averages `aux` over the groups, so its leaves must be "
+          f"sam_step({option}=...) averages `aux` over the {option}, so its leaves must be "
           f"floating point; aux{jax.tree_util.keystr(path)} has dtype {leaf.dtype}. "
           "Return counts as floats (e.g. a mean)."
       )
-
-
-def _is_floating(x: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _map_sam_states(fn: Callable[[SAMState], SAMState], opt_state: Any) -> Any:
-  """Applies `fn` to every SAMState inside an optimizer state (wrappers included)."""
-  is_sam = lambda node: isinstance(node, SAMState)
-  return jax.tree.map(lambda n: fn(n) if is_sam(n) else n, opt_state, is_leaf=is_sam)
 
 
 def _varying_axes(x: Any) -> frozenset:
@@ -308,23 +429,22 @@ def _check_axis_bound(axis_name: str) -> None:
     ) from None
 
 
-def _metrics(loss: jax.Array, opt_state: Any) -> dict[str, jax.Array]:
-  sam_state = find_state(opt_state, SAMState)
-  perturbed_loss = sam_state.perturbed_loss
-  loss = loss.astype(perturbed_loss.dtype) if jnp.issubdtype(loss.dtype, jnp.floating) else loss
-  metrics = {
-      "loss": loss,
-      "perturbed_loss": perturbed_loss,
-      "sharpness": perturbed_loss - loss,
-  }
-  pert = find_state(sam_state.perturbation, UnifiedPerturbationState)
-  if pert is not None:
-    metrics.update(grad_norm=pert.grad_norm, rho=pert.rho)
-    metrics["lambda"] = pert.lambd
-  polyak = find_state(sam_state.descent, PolyakStepSizeState)
-  if polyak is not None:
-    metrics["step_size"] = polyak.step_size
-  loss_scale = find_state(opt_state, DynamicLossScaleState)
-  if loss_scale is not None:
-    metrics.update(loss_scale=loss_scale.scale, skipped=loss_scale.skipped)
+def _metrics(
+    loss: jax.Array, grads: Any, opt_state: Any, loss_scale: jax.Array | None
+) -> dict[str, jax.Array]:
+  """The step's own metrics, then what the optimizer's states report (``sam_metrics``)."""
+  dtype = _common.accumulation_dtype(grads)
+  loss = loss.astype(dtype)
+  reported = _protocol.collect_metrics(opt_state)
+  finite = jnp.isfinite(loss) & _protocol.all_finite(grads)
+  metrics = {"loss": loss}
+  if "perturbed_loss" in reported:
+    perturbed_loss = reported["perturbed_loss"].astype(dtype)
+    finite = finite & jnp.isfinite(perturbed_loss)
+    metrics.update(perturbed_loss=perturbed_loss, sharpness=perturbed_loss - loss)
+  if "grad_norm" not in reported:  # a one-pass optimizer: the step measures ‖g‖ itself
+    grad_norm = jnp.sqrt(_common.tree_sum_of_squares(grads, dtype))
+    metrics["grad_norm"] = grad_norm if loss_scale is None else grad_norm / loss_scale
+  metrics.update({k: v for k, v in reported.items() if k not in metrics})
+  metrics["finite"] = finite
   return metrics

@@ -12,13 +12,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import _common
+from sam_optax import _protocol
 from sam_optax._loss_scale import DynamicLossScaleState
 from sam_optax._polyak import PolyakStepSizeState
 from sam_optax._sam import SAMState
-from sam_optax._common import find_state
 
 
 class IntervalSAMState(NamedTuple):
@@ -40,10 +41,8 @@ class IntervalSAMState(NamedTuple):
   orthogonal_norm: jax.Array | None
 
 
-class GSAMState(NamedTuple):
-  """State of :func:`gsam`: the wrapped optimizer's state (marks the GSAM correction)."""
-
-  inner: optax.OptState
+def _find(tree: Any, cls: type) -> Any:
+  return next((n for n in _protocol.nodes(tree) if isinstance(n, cls)), None)
 
 
 def _orthogonal_part(v: Any, u: Any) -> tuple[Any, jax.Array]:
@@ -62,6 +61,13 @@ def _orthogonal_part(v: Any, u: Any) -> tuple[Any, jax.Array]:
   return out, jnp.sqrt(_common.tree_sum_of_squares(out, dtype))
 
 
+def _is_traced_int(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer) or (
+      isinstance(value, jax.Array) and value.ndim == 0
+      and jnp.issubdtype(value.dtype, jnp.integer)
+  )
+
+
 def _check_two_pass(optimizer: Any, name: str) -> optax.GradientTransformationExtraArgs:
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
     raise TypeError(
@@ -72,7 +78,7 @@ def _check_two_pass(optimizer: Any, name: str) -> optax.GradientTransformationEx
 
 
 def _check_inner_state(state: Any, name: str) -> None:
-  if find_state(state, SAMState) is None:
+  if _find(state, SAMState) is None:
     raise TypeError(
         f"{name} wraps a two-pass optimizer (sam_optax.unified_sam, sam_sps, "
         "sharpness_aware); the given optimizer's state has no SAMState."
@@ -92,19 +98,23 @@ def _every_k(
 ) -> optax.GradientTransformationExtraArgs:
   """interval_sam (alpha None) and looksam: one implementation of both."""
   optimizer = _check_two_pass(optimizer, name)
-  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+  # A traced `every` (optax.inject_hyperparams) is used as is; a concrete one is checked.
+  if not _is_traced_int(every) and (
+      isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
+  ):
     raise ValueError(f"`every` must be a positive int, got {every!r}.")
   reuse = alpha is not None
+  why_local = "its descent uses the clean gradient, each replica's (or group's) own in local mode"
 
   def init_fn(params):
     inner = optimizer.init(params)
     _check_inner_state(inner, name)
-    if find_state(inner, PolyakStepSizeState) is not None:
+    if _find(inner, PolyakStepSizeState) is not None:
       raise ValueError(
           f"{name} cannot wrap the Polyak step size (sam_sps): on the skipped steps "
           "it would need the clean loss f(x), which the optimizer is not given."
       )
-    if find_state(inner, DynamicLossScaleState) is not None:
+    if _find(inner, DynamicLossScaleState) is not None:
       raise ValueError(
           f"Wrap dynamic_loss_scale around {name}, not inside it: "
           f"dynamic_loss_scale({name}(...))."
@@ -118,9 +128,12 @@ def _every_k(
         orthogonal_norm=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
-  def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+  ):
     _need_value_and_grad_fn(value_and_grad_fn, name)
-    last_perturbed_loss = find_state(state.inner, SAMState).perturbed_loss
+    _protocol.check_local_ascent(sam_context, name, why_local)
+    last_perturbed_loss = _find(state.inner, SAMState).perturbed_loss
     if reuse:
       # LookSAM's weight α‖g‖/‖g_v‖, computed outside the cond, where XLA merges
       # ‖g‖ with the perturbation's own.
@@ -150,15 +163,25 @@ def _every_k(
 
     new_orthogonal = []
 
+    perturb = None if sam_context is None else sam_context.perturb
+    if isinstance(every, int) and every == 1:
+      perturb = True
+    elif isinstance(every, int) and sam_context is not None and sam_context.host_selectors is not None:
+      # Offer the step to choose this step's kind on the host (two compiled programs):
+      # XLA:CPU runs convolution gradients far slower inside a cond branch.
+      sam_context.host_selectors.append((state, lambda node: int(node.count) % every == 0))
+
     def value_and_grad_at(e):  # the wrapped optimizer calls this once, at e = x + δ
-      if every == 1:
-        value, grads, *orthogonal = perturbed_pass(e)
-      else:
+      if perturb is None:
         is_sam_step = state.count % every == 0
         value, grads, *orthogonal = jax.lax.cond(is_sam_step, perturbed_pass, no_perturbed_pass, e)
+      else:
+        value, grads, *orthogonal = (perturbed_pass if perturb else no_perturbed_pass)(e)
       new_orthogonal.extend(orthogonal)
       return value, grads
 
+    if sam_context is not None:
+      extra_args["sam_context"] = sam_context
     new_updates, inner = optimizer.update(
         updates, state.inner, params, value_and_grad_fn=value_and_grad_at, **extra_args
     )
@@ -254,7 +277,7 @@ def looksam(
 
   References:
     Liu et al., *Towards Efficient and Scalable Sharpness-Aware Minimization*,
-    CVPR 2022.
+    CVPR 2022, `arXiv:2203.02714 <https://arxiv.org/abs/2203.02714>`__.
   """
   _common.check_scalar_hyperparam("alpha", alpha, low=0.0, allow_schedule=False)
   return _every_k(optimizer, every, alpha, "looksam")
@@ -283,7 +306,7 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
     alpha: α ≥ 0; may be traced (``optax.inject_hyperparams``).
 
   Returns:
-    A two-pass transformation; its state is the wrapped optimizer's.
+    A two-pass transformation; its state is the wrapped optimizer's, unchanged.
 
   Example:
     >>> import optax, sam_optax
@@ -293,7 +316,7 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
 
   References:
     Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware
-    Training*, ICLR 2022.
+    Training*, ICLR 2022, `arXiv:2203.08065 <https://arxiv.org/abs/2203.08065>`__.
   """
   _common.check_scalar_hyperparam("alpha", alpha, low=0.0, allow_schedule=False)
   optimizer = _check_two_pass(optimizer, "gsam")
@@ -301,10 +324,18 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
   def init_fn(params):
     state = optimizer.init(params)
     _check_inner_state(state, "gsam")
-    return GSAMState(state)
+    return state
 
-  def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
+  def update_fn(
+      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+  ):
     _need_value_and_grad_fn(value_and_grad_fn, "gsam")
+    _protocol.check_local_ascent(
+        sam_context, "gsam",
+        "its descent uses the clean gradient, each replica's (or group's) own in local mode",
+    )
+    if sam_context is not None:
+      extra_args["sam_context"] = sam_context
 
     def corrected_value_and_grad(p):
       value, perturbed_grads = value_and_grad_fn(p)
@@ -317,10 +348,9 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
       )
       return value, grads
 
-    new_updates, inner = optimizer.update(
-        updates, state.inner, params, value_and_grad_fn=corrected_value_and_grad, **extra_args
+    return optimizer.update(
+        updates, state, params, value_and_grad_fn=corrected_value_and_grad, **extra_args
     )
-    return new_updates, GSAMState(inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -332,6 +362,7 @@ def gsam_rho_schedule(
     *,
     lr_max: float,
     lr_min: float = 0.0,
+    every_k: int = 1,
 ) -> optax.Schedule:
   r"""GSAM's radius, tied to the learning rate: ρ_t moves with lr_t between ρ_min and ρ_max.
 
@@ -341,8 +372,12 @@ def gsam_rho_schedule(
 
   With ``lr_max == lr_min`` (a constant learning rate) ρ_t = ρ_max. The
   schedule is called with the perturbation's 0-based count, which advances
-  once per step like the base optimizer's (also under :func:`interval_sam`),
-  so ρ_t follows the learning rate actually used.
+  once per ``update`` call like the base optimizer's (also under
+  :func:`interval_sam`), so ρ_t follows the learning rate actually used. With
+  ``optax.MultiSteps(base, every_k_schedule=k)`` inside :func:`unified_sam`, the
+  base optimizer's count (and so its learning rate) advances once every k calls
+  while the perturbation's advances every call: pass ``every_k=k`` so that ρ_t
+  follows lr at ``count // k``.
 
   Args:
     learning_rate: the base optimizer's learning rate, a float or schedule.
@@ -350,6 +385,8 @@ def gsam_rho_schedule(
     rho_min: ρ at the lowest learning rate (≤ ρ_max).
     lr_max: the peak learning rate of the schedule.
     lr_min: its lowest value (≤ lr_max), e.g. 0 for a decay to zero.
+    every_k: the base optimizer's update calls per learning-rate step (the k of
+      an ``optax.MultiSteps`` inside the base optimizer); 1 otherwise.
 
   Returns:
     An optax schedule for the ``rho`` argument of :func:`unified_sam`.
@@ -362,12 +399,14 @@ def gsam_rho_schedule(
     raise ValueError(f"`lr_min` must be <= `lr_max`, got {lr_min!r} > {lr_max!r}.")
   if not (callable(learning_rate) or _common.is_concrete_number(learning_rate)):
     raise ValueError(f"`learning_rate` must be a number or an optax schedule, got {learning_rate!r}.")
+  if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+    raise ValueError(f"`every_k` must be a positive int, got {every_k!r}.")
   span = lr_max - lr_min
 
   def schedule(count):
     if span == 0:
       return rho_max
-    lr = _common.resolve(learning_rate, count)
+    lr = _common.resolve(learning_rate, count // every_k if every_k > 1 else count)
     return rho_min + (rho_max - rho_min) * (lr - lr_min) / span
 
   return schedule

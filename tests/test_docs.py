@@ -30,7 +30,11 @@ def test_readme_quick_start_runs_and_learns():
   exec(blocks[0], namespace)   # Unified SAM quick start
   assert float(namespace["metrics"]["loss"]) < 1e-2
   assert float(namespace["metrics"]["lambda"]) == pytest.approx(1 - 1 / 100)
-  exec(blocks[1].replace("print(", "(lambda *a: None)("), namespace)   # SAM-SPS
-  gamma = float(namespace["metrics"]["step_size"])
-  assert 0.0 <= gamma <= 1.0
+  gammas = namespace["gammas"] = []
+  exec(blocks[1].replace("print(", "gammas.append("), namespace)   # SAM-SPS
+  assert len(gammas) == 100
+  # "γ_t, also in the state's PolyakStepSizeState" (0 <= γ_t <= γ_b holds by clipping: not a check)
+  polyak = sam_optax.find_state(namespace["state"], sam_optax.PolyakStepSizeState)
+  assert int(polyak.count) == 100
+  assert float(polyak.step_size) == float(namespace["metrics"]["step_size"]) == float(gammas[-1])
   assert set(sam_optax.__all__) >= {"unified_sam", "sam_sps", "sam_step", "unified_perturbation", "polyak_step_size"}

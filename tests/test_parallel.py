@@ -41,7 +41,7 @@ def make_problem(batch_size=32, steps=3, seed=0):
 
 
 def base_optimizer():
-  """PyTorch's SGD(lr, momentum, weight_decay) in optax (SEMANTICS §2)."""
+  """PyTorch's SGD(lr, momentum, weight_decay) in optax (docs/contract.md §2)."""
   return optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOMENTUM))
 
 
@@ -192,7 +192,7 @@ def test_unknown_axis_name_inside_vmap_names_both():
 @pytest.mark.parametrize(
     "opt, message",
     [
-        (sam_optax.sam_sps(rho=0.1), r"not supported with SAM-SPS"),
+        (sam_optax.sam_sps(rho=0.1), r"not supported with the Polyak step size \(sam_sps\)"),
         (sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)),
          r"not supported with dynamic_loss_scale"),
     ],

@@ -1,4 +1,4 @@
-"""Data-parallel SAM on 8 fake CPU devices (SEMANTICS §5), float32.
+"""Data-parallel SAM on 8 fake CPU devices (docs/contract.md §5), float32.
 
 The checks need `--xla_force_host_platform_device_count=8` before jax starts, so
 this file runs itself once in a subprocess (``python tests/test_parallel_devices.py``

@@ -1,4 +1,4 @@
-"""Unit tests of sam_optax.unified_perturbation (SEMANTICS §1)."""
+"""Unit tests of sam_optax.unified_perturbation (docs/contract.md §1)."""
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,8 @@ def test_l2_formula_with_global_norm(lambd):
   expected = rho * (1 - lambd + lambd / (n + 1e-12)) * _flat(GRADS)
   np.testing.assert_allclose(_flat(delta), expected, rtol=1e-6)
   assert float(state.grad_norm) == pytest.approx(n, rel=1e-6)
-  assert float(state.lambd) == pytest.approx(lambd)
-  assert float(state.rho) == pytest.approx(rho)
+  assert float(state.lambda_t) == pytest.approx(lambd)
+  assert float(state.rho_t) == pytest.approx(rho)
   assert int(state.count) == 1
 
 
@@ -59,7 +59,7 @@ def _run_lambdas(lambd, steps):
   lams = []
   for _ in range(steps):
     _, state = pert.update(GRADS, state, PARAMS)
-    lams.append(float(state.lambd))
+    lams.append(float(state.lambda_t))
   return lams
 
 
@@ -86,7 +86,7 @@ def test_rho_schedule():
   rhos = []
   for _ in range(3):
     delta, state = pert.update(GRADS, state, PARAMS)
-    rhos.append(float(state.rho))
+    rhos.append(float(state.rho_t))
   np.testing.assert_allclose(rhos, [0.1, 0.2, 0.3], rtol=1e-6)
   np.testing.assert_allclose(_flat(delta), 0.3 * _flat(GRADS), rtol=1e-6)
 
@@ -168,7 +168,7 @@ def test_jit_and_state_is_int32_count():
   for _ in range(3):
     delta, state = update(GRADS, state, PARAMS)
   assert state.count.dtype == jnp.int32 and int(state.count) == 3
-  assert float(state.lambd) == pytest.approx(2 / 3)
+  assert float(state.lambda_t) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Unit tests of sam_optax.polyak_step_size (SEMANTICS §3)."""
+"""Unit tests of sam_optax.polyak_step_size (docs/contract.md §3)."""
 
 import jax
 import jax.numpy as jnp

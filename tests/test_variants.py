@@ -453,3 +453,80 @@ def test_pmap_with_axis_name_matches_single_device():
   for t in range(4):
     pparams, pstate, _ = step(pparams, pstate, replicate(batch(jnp.float32)))
     np.testing.assert_allclose(to_vector(jax.tree.map(lambda x: x[0], pparams)), xs[t], rtol=1e-6)
+
+
+# Host-side pass selection (sam_step(host_dispatch=...)): two compiled programs on CPU.
+
+
+def _mlp_problem(traces=None):
+  rng = np.random.default_rng(3)
+  params = {"w1": jnp.asarray(rng.normal(size=(6, 8)) / 3, jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(8, 1)) / 3, jnp.float32)}
+  batch = (jnp.asarray(rng.normal(size=(16, 6)), jnp.float32),
+           jnp.asarray(rng.normal(size=(16, 1)), jnp.float32))
+
+  def loss(p, b):
+    if traces is not None:
+      traces.append(1)  # runs once per trace, never per call of a compiled step
+    return jnp.mean((jnp.tanh(b[0] @ p["w1"]) @ p["w2"] - b[1]) ** 2)
+
+  return params, batch, loss
+
+
+def _trajectory(opt, host_dispatch, steps=7, params=None, state=None, traces=None):
+  p0, batch, loss = _mlp_problem(traces)
+  params = p0 if params is None else params
+  step = sam_optax.sam_step(loss, opt, donate=False, host_dispatch=host_dispatch)
+  state = opt.init(params) if state is None else state
+  out = []
+  for _ in range(steps):
+    params, state, m = step(params, state, batch)
+    out.append((params, state, m, len(traces) if traces is not None else 0))
+  return out
+
+
+def _assert_trees_allclose(a, b, exact=False):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1), 3),
+    lambda: sam_optax.looksam(sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1), 3, 0.7),
+], ids=["interval_sam", "looksam"])
+def test_host_dispatch_equals_the_cond_program_and_compiles_each_kind_once(make):
+  traces = []
+  host = _trajectory(make(), True, traces=traces)
+  cond = _trajectory(make(), False)
+  for (ph, sh, mh, _), (pc, sc, mc, _) in zip(host, cond):
+    _assert_trees_allclose((ph, sh), (pc, sc))
+    assert float(mh["perturbed_loss"]) == pytest.approx(float(mc["perturbed_loss"]), rel=1e-6)
+  # Steps 1 (SAM) and 2 (skipped) compiled one program each; steps 3-7 traced nothing.
+  assert host[1][3] > host[0][3] > 0
+  assert host[-1][3] == host[1][3]
+
+
+def test_host_dispatch_resumes_mid_cycle_like_an_uninterrupted_run():
+  make = lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 3)  # noqa: E731
+  full = _trajectory(make(), True, steps=7)
+  params, state, _, _ = _trajectory(make(), True, steps=2)[-1]
+  # A checkpoint round trip: host copies, then fresh device arrays.
+  params, state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), (params, state))
+  rest = _trajectory(make(), True, steps=5, params=params, state=state)
+  for (p, s, _, _), (q, t, _, _) in zip(full[2:], rest):
+    _assert_trees_allclose((p, s), (q, t), exact=True)
+
+
+def test_traced_every_falls_back_to_the_cond_program():
+  opt = optax.inject_hyperparams(sam_optax.interval_sam)(
+      sam_optax.unified_sam(optax.sgd(0.1), 0.1), every=3)
+  injected = _trajectory(opt, True, steps=4)
+  plain = _trajectory(
+      sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 3), False, steps=4)
+  for (p, _, m, _), (q, _, n, _) in zip(injected, plain):
+    _assert_trees_allclose(p, q)
+    assert float(m["perturbed_loss"]) == pytest.approx(float(n["perturbed_loss"]), rel=1e-6)

@@ -31,7 +31,7 @@ both optimizers (analytic gradients) is run on every case and compared with the 
 trajectories; the errors are printed and stored per case in the manifest ("diagnostics").
 
 SAM-SPS note: the reference computes ||g||, f(e), <grad f(e), delta> and ||grad f(e)||^2 in
-float32 even for float64 parameters (see SEMANTICS.md section 3). Each SAM-SPS file
+float32 even for float64 parameters (see docs/contract.md §3). Each SAM-SPS file
 therefore holds two trajectories: the reference as published (keys without prefix) and the
 same code with its float32 casts replaced by float64 (keys prefixed `f64__`), which is what
 a float64-internal port (sam_optax) should match to round-off.
@@ -408,7 +408,7 @@ def np_lambda(lambd, t):
 
 
 def np_unified_sam(case, data, x0):
-    """SEMANTICS.md sections 1-2, plain numpy."""
+    """docs/contract.md §1-§2, plain numpy."""
     x = {k: np.array(v, dtype=np.float64) for k, v in x0.items()}
     buf = None
     traj = [{k: v.copy() for k, v in x.items()}]
@@ -429,7 +429,7 @@ def np_unified_sam(case, data, x0):
 
 
 def np_sam_sps(case, data, x0):
-    """SEMANTICS.md section 3 in float64, with the reference's eps placement (clamp)."""
+    """docs/contract.md §3 in float64, with the reference's eps placement (clamp)."""
     x = {k: np.array(v, dtype=np.float64) for k, v in x0.items()}
     traj, gammas = [{k: v.copy() for k, v in x.items()}], []
     margin = math.inf  # smallest relative distance of the Polyak ratio to a clip point
@@ -474,7 +474,7 @@ NUMERIC_NOTES = {
                            "(no dampening, no nesterov); x -= lr * buf (== optax chain("
                            "add_decayed_weights(wd), trace(mu), scale(-lr)))",
     "sam_sps_eps": "||g|| = sqrt(sum g^2).clamp(min=1e-12): eps is a CLAMP, not added "
-                   "(SEMANTICS.md section 1 adds it; the difference reaches 3e-11 on these "
+                   "(docs/contract.md §1 adds it; the difference reaches 3e-11 on these "
                    "trajectories); denominator ||grad f(e)||^2.clamp(min=1e-12)",
     "sam_sps_float32": "reference: ||g||, the scale rho*((1-lam)+lam/||g||) (so even rho itself for "
                        "lam = 0), f(e), <grad f(e), delta>, ||grad f(e)||^2, the numerator "
