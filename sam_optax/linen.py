@@ -6,7 +6,8 @@ object with ``params``, ``opt_state``, ``tx``, ``step`` and ``replace``) is all 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -17,12 +18,12 @@ __all__ = ("sam_step",)
 
 
 def sam_step(
-    loss_fn: Callable[..., Any],
-    *,
-    has_aux: bool = False,
-    jit: bool = True,
-    donate: bool = True,
-    **kwargs: Any,
+  loss_fn: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  jit: bool = True,
+  donate: bool = True,
+  **kwargs: Any,
 ) -> Callable[..., Any]:
   """Builds the two-pass SAM step ``train_step(state, batch, *args) -> (state, metrics)``.
 
@@ -74,12 +75,13 @@ def sam_step(
     for field in ("params", "opt_state", "tx", "step", "replace"):
       if not hasattr(state, field):
         raise TypeError(
-            "`state` must be a flax TrainState (params, opt_state, tx, step, replace); "
-            f"{type(state).__name__} has no {field!r}."
+          "`state` must be a flax TrainState (params, opt_state, tx, step, replace); "
+          f"{type(state).__name__} has no {field!r}."
         )
     stats = getattr(state, "batch_stats", None)
-    sam = sam_optax.sam_step(loss_fn, state.tx, has_aux=has_aux or stats is not None,
-                             jit=False, **kwargs)
+    sam = sam_optax.sam_step(
+      loss_fn, state.tx, has_aux=has_aux or stats is not None, jit=False, **kwargs
+    )
     if stats is None:
       out = sam(state.params, state.opt_state, batch, *args)
     else:
@@ -90,8 +92,10 @@ def sam_step(
     if stats is not None:
       if has_aux:
         if not (isinstance(aux, (tuple, list)) and len(aux) == 2):
-          raise TypeError("`loss_fn` with batch_stats and has_aux=True must return "
-                          "(loss, (new_batch_stats, aux)).")
+          raise TypeError(
+            "`loss_fn` with batch_stats and has_aux=True must return "
+            "(loss, (new_batch_stats, aux))."
+          )
         new["batch_stats"], aux = aux
       else:
         new["batch_stats"] = aux

@@ -5,7 +5,8 @@ Importing this module imports flax; ``import sam_optax`` alone does not.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,8 @@ import optax
 
 try:
   from flax import nnx
-except ImportError as e:   # flax is an optional dependency of sam_optax
-  raise ImportError("sam_optax.nnx needs flax: pip install \"sam-optax[flax]\".") from e
+except ImportError as e:  # flax is an optional dependency of sam_optax
+  raise ImportError('sam_optax.nnx needs flax: pip install "sam-optax[flax]".') from e
 
 import sam_optax
 
@@ -22,15 +23,15 @@ __all__ = ("sam_step",)
 
 
 def sam_step(
-    loss_fn: Callable[..., Any],
-    *,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    ascent: str = "sync",
-    groups: int | None = None,
-    jit: bool = True,
-    donate: bool = False,
-    **kwargs: Any,
+  loss_fn: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  axis_name: str | None = None,
+  ascent: str = "sync",
+  groups: int | None = None,
+  jit: bool = True,
+  donate: bool = False,
+  **kwargs: Any,
 ) -> Callable[..., Any]:
   """Builds the two-pass SAM step that updates an NNX module and its `nnx.Optimizer` in place.
 
@@ -98,14 +99,16 @@ def sam_step(
     ...   return jnp.mean((model(x)[:, 0] - y) ** 2)
     >>> train_step = sam_optax.nnx.sam_step(loss_fn)
     >>> metrics = train_step(model, optimizer, (jnp.ones((4, 3)), jnp.zeros(4)))
-    >>> int(optimizer.step), sorted(metrics)[:3]
-    (1, ['grad_norm', 'lambda', 'loss'])
+    >>> int(optimizer.step), "perturbed_loss" in metrics
+    (1, True)
   """
   if not callable(loss_fn):
     raise TypeError(f"`loss_fn` must be callable, got {loss_fn!r}.")
   sam_options = dict(axis_name=axis_name, ascent=ascent, groups=groups, **kwargs)
   # Validate the options now (sam_step checks them at construction), not at the first call.
   sam_optax.sam_step(loss_fn, optax.identity(), jit=False, **sam_options)
+  # sam_step averages aux over groups and micro-batches, which needs floating leaves.
+  splits_batch = groups is not None or (kwargs.get("microbatches") or 1) > 1
 
   def update_in_place(model, optimizer, batch, *args):
     """The step on live (or traced) NNX objects: reads them, then writes the results back."""
@@ -114,33 +117,32 @@ def sam_step(
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     if not jax.tree.leaves(params):
       raise ValueError(
-          f"`model` ({type(model).__name__}) has no variables matching the optimizer's "
-          f"wrt={wrt!r} (e.g. no nnx.Param): there is nothing to train."
+        f"`model` ({type(model).__name__}) has no variables matching the optimizer's "
+        f"wrt={wrt!r} (e.g. no nnx.Param): there is nothing to train."
       )
     opt_state = nnx.as_pure(optimizer.opt_state)
     floating = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
-    def functional_loss(p, batch, r, *args, floating_only=groups is not None):
+    def functional_loss(p, batch, r, *args, floating_only=splits_batch):
       m = nnx.merge(graphdef, p, r)
       loss, aux = _split_loss(loss_fn(m, batch, *args), has_aux)
       new_rest = nnx.as_pure(nnx.split(m, wrt, ...)[2])
       if floating_only:
-        # sam_step averages aux over the groups, which needs floating leaves; the
-        # rest (RNG counters, keys) is recomputed below, outside the groups.
+        # Averaged over the groups/micro-batches by sam_step; the rest (RNG
+        # counters, keys) is recomputed below, on the whole batch.
         new_rest = jax.tree.map(lambda x: x if floating(x) else None, new_rest)
       return loss, (aux, new_rest)
 
-    sam = sam_optax.sam_step(functional_loss, optimizer.tx, has_aux=True, jit=False,
-                             **sam_options)
-    new_params, new_opt_state, metrics, (aux, new_rest) = sam(
-        params, opt_state, batch, rest, *args)
-    if groups is not None:
+    sam = sam_optax.sam_step(functional_loss, optimizer.tx, has_aux=True, jit=False, **sam_options)
+    new_params, new_opt_state, metrics, (aux, new_rest) = sam(params, opt_state, batch, rest, *args)
+    if splits_batch:
       # One more clean pass on the whole batch, of which only the non-floating
       # state is used: XLA removes the compute that state does not depend on
       # (for RNG counters, all of it).
       _, (_, full_rest) = functional_loss(params, batch, rest, *args, floating_only=False)
-      new_rest = jax.tree.map(lambda a, b: b if a is None else a, new_rest, full_rest,
-                              is_leaf=lambda x: x is None)
+      new_rest = jax.tree.map(
+        lambda a, b: b if a is None else a, new_rest, full_rest, is_leaf=lambda x: x is None
+      )
     nnx.update(model, new_params, new_rest)
     nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
     optimizer.step[...] += 1
@@ -149,8 +151,8 @@ def sam_step(
   def check(model, optimizer):
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(
-          "`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param) whose tx is a "
-          f"sam_optax optimizer; got {type(optimizer).__name__}."
+        "`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param) whose tx is a "
+        f"sam_optax (or optax) optimizer; got {type(optimizer).__name__}."
       )
     if not isinstance(model, nnx.Module):
       raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
@@ -182,8 +184,7 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
   if has_aux:
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
       raise TypeError(
-          "`loss_fn` with has_aux=True must return a pair (loss, aux); got "
-          f"{type(out).__name__}."
+        f"`loss_fn` with has_aux=True must return a pair (loss, aux); got {type(out).__name__}."
       )
     loss, aux = out
   else:
@@ -192,7 +193,6 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
   if shape is None or tuple(shape) != ():
     hint = " (did you mean has_aux=True?)" if isinstance(out, (tuple, list)) else ""
     raise TypeError(
-        f"`loss_fn` must return a scalar loss{hint}; got {type(loss).__name__} "
-        f"with shape {shape}."
+      f"`loss_fn` must return a scalar loss{hint}; got {type(loss).__name__} with shape {shape}."
     )
   return loss, aux

@@ -25,10 +25,10 @@ import sam_optax.nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 BATCHES = [
-    (jnp.asarray(RNG.normal(size=(16, 5)), jnp.float32), jnp.asarray(RNG.integers(0, 3, 16)))
-    for _ in range(4)
+  (jnp.asarray(RNG.normal(size=(16, 5)), jnp.float32), jnp.asarray(RNG.integers(0, 3, 16)))
+  for _ in range(4)
 ]
-TOL = 1e-6   # float32 round-off after a few steps
+TOL = 1e-6  # float32 round-off after a few steps
 
 
 class Net(nnx.Module):
@@ -42,7 +42,7 @@ class Net(nnx.Module):
     self.record = record
 
   def __call__(self, x):
-    h = jnp.exp(0.5 * self.bn(self.l1(x)))   # > 0, so the dropped entries are exactly the zeros
+    h = jnp.exp(0.5 * self.bn(self.l1(x)))  # > 0, so the dropped entries are exactly the zeros
     h = self.drop(h)
     if self.record is not None:
       jax.debug.callback(self.record, h != 0)
@@ -60,17 +60,17 @@ def make(tx, **net):
 
 
 OPTIMIZERS = {
-    "unified_sam": lambda: sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1, "1-1/t"),
-    "sam_sps": lambda: sam_optax.sam_sps(rho=0.1, gamma_b=0.5, weight_decay=1e-3),
-    "gsam": lambda: sam_optax.gsam(sam_optax.unified_sam(optax.adam(1e-2), 0.1, 1.0), alpha=0.3),
-    "interval_sam": lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 2),
+  "unified_sam": lambda: sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1, "1-1/t"),
+  "sam_sps": lambda: sam_optax.sam_sps(rho=0.1, gamma_b=0.5, weight_decay=1e-3),
+  "gsam": lambda: sam_optax.gsam(sam_optax.unified_sam(optax.adam(1e-2), 0.1, 1.0), alpha=0.3),
+  "interval_sam": lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 2),
 }
 
 
 def functional_reference(model, tx, batches, loss=xent, **options):
   """The functional sam_step on nnx.split(model): (params, rest, opt_state, metrics) per step."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = jax.tree.map(jnp.array, nnx.as_pure((params, rest)))   # copies
+  params, rest = jax.tree.map(jnp.array, nnx.as_pure((params, rest)))  # copies
 
   def loss_fn(p, batch, r):
     m = nnx.merge(graphdef, p, r, copy=True)
@@ -94,8 +94,10 @@ def deep_copy(node):
 def max_abs_diff(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
-  return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-             for x, y in zip(la, lb))
+  return max(
+    float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+    for x, y in zip(la, lb)
+  )
 
 
 def floats(tree):
@@ -111,9 +113,12 @@ def equality_figures(name, steps=4):
   for batch, (p, r, s, m) in zip(BATCHES[:steps], ref):
     metrics = train_step(model, optimizer, batch)
     assert set(metrics) == set(m)
-    for key, a, b in (("params", nnx.state(model, nnx.Param), p),
-                      ("rest", floats(nnx.state(model, nnx.Not(nnx.Param))), floats(r)),
-                      ("opt_state", optimizer.opt_state, s), ("metrics", metrics, m)):
+    for key, a, b in (
+      ("params", nnx.state(model, nnx.Param), p),
+      ("rest", floats(nnx.state(model, nnx.Not(nnx.Param))), floats(r)),
+      ("opt_state", optimizer.opt_state, s),
+      ("metrics", metrics, m),
+    ):
       errs[key] = max(errs[key], max_abs_diff(nnx.as_pure(a), b))
     counts = jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.RngCount)))
     np.testing.assert_array_equal(counts, jax.tree.leaves(nnx.as_pure(r["drop"]["rngs"]["count"])))
@@ -136,28 +141,31 @@ def test_batch_stats_come_from_one_clean_forward_pass():
   sam_optax.nnx.sam_step(xent)(model, optimizer, BATCHES[0])
   stats = floats(nnx.state(model, nnx.BatchStat))
   np.testing.assert_allclose(stats, floats(nnx.state(once, nnx.BatchStat)), rtol=1e-6, atol=1e-7)
-  assert max_abs_diff(stats, floats(nnx.state(twice, nnx.BatchStat))) > 1e-3   # can fail
+  assert max_abs_diff(stats, floats(nnx.state(twice, nnx.BatchStat))) > 1e-3  # can fail
 
 
 def test_dropout_same_mask_in_both_passes_and_rngs_advance_once():
   masks = []
-  model, optimizer = make(OPTIMIZERS["unified_sam"](), dropout=0.5,
-                          record=lambda m: masks.append(np.asarray(m)))
+  model, optimizer = make(
+    OPTIMIZERS["unified_sam"](), dropout=0.5, record=lambda m: masks.append(np.asarray(m))
+  )
   reference = nnx.clone(model)
   count_before = int(model.drop.rngs.count[...])
   metrics = sam_optax.nnx.sam_step(xent)(model, optimizer, BATCHES[0])
   jax.effects_barrier()
-  assert len(masks) == 2   # the clean and the perturbed pass
+  assert len(masks) == 2  # the clean and the perturbed pass
   np.testing.assert_array_equal(masks[0], masks[1])
   assert 0.3 < masks[0].mean() < 0.7
   # the reference: one forward pass of the model as it was, in train mode
   del masks[:]
   loss = xent(reference, BATCHES[0])
   jax.effects_barrier()
-  np.testing.assert_array_equal(masks[0], masks[-1])   # the eager pass draws the same mask
+  np.testing.assert_array_equal(masks[0], masks[-1])  # the eager pass draws the same mask
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
-  for a, b in zip(jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.RngState))),
-                  jax.tree.leaves(nnx.as_pure(nnx.state(reference, nnx.RngState)))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.RngState))),
+    jax.tree.leaves(nnx.as_pure(nnx.state(reference, nnx.RngState))),
+  ):
     if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_array_equal(a, b)
@@ -178,7 +186,7 @@ def test_perturbed_pass_uses_the_clean_pass_mask():
   at_e = nnx.clone(before)
   nnx.update(at_e, e)
   same_mask = xent(nnx.clone(at_e), BATCHES[0])
-  xent(at_e, BATCHES[0])   # advances the RNG: the next call draws another mask
+  xent(at_e, BATCHES[0])  # advances the RNG: the next call draws another mask
   next_mask = xent(at_e, BATCHES[0])
   assert float(metrics["perturbed_loss"]) == pytest.approx(float(same_mask), rel=1e-5)
   assert abs(float(next_mask) - float(same_mask)) > 1e-3
@@ -186,9 +194,11 @@ def test_perturbed_pass_uses_the_clean_pass_mask():
 
 def test_compiled_once():
   traces = []
+
   def loss(model, batch):
     traces.append(1)
     return xent(model, batch)
+
   model, optimizer = make(OPTIMIZERS["sam_sps"]())
   train_step = sam_optax.nnx.sam_step(loss)
   train_step(model, optimizer, BATCHES[0])
@@ -203,6 +213,7 @@ def test_has_aux_returns_the_clean_pass_aux():
   def loss(model, batch):
     logits = model(batch[0])
     return xent_from_logits(logits, batch[1]), {"logits": logits}
+
   model, optimizer = make(OPTIMIZERS["unified_sam"]())
   reference = nnx.clone(model)
   metrics, aux = sam_optax.nnx.sam_step(loss, has_aux=True)(model, optimizer, BATCHES[0])
@@ -218,6 +229,7 @@ def xent_from_logits(logits, labels):
 def test_extra_args_are_passed_after_the_batch():
   def loss(model, batch, weight):
     return weight * xent(model, batch)
+
   tx = OPTIMIZERS["unified_sam"]()
   model, optimizer = make(tx)
   ref = functional_reference(nnx.clone(model), tx, BATCHES[:2], loss=lambda m, b: 2.0 * xent(m, b))
@@ -229,7 +241,7 @@ def test_extra_args_are_passed_after_the_batch():
 
 def test_no_donation_by_default_so_clones_stay_valid():
   model, optimizer = make(OPTIMIZERS["unified_sam"]())
-  clone = nnx.clone(model)   # shares the model's arrays
+  clone = nnx.clone(model)  # shares the model's arrays
   raw = nnx.as_pure(nnx.state(model, nnx.Param))["l1"]["kernel"]
   sam_optax.nnx.sam_step(xent)(model, optimizer, BATCHES[0])
   assert not raw.is_deleted() and not np.array_equal(raw, model.l1.kernel[...])
@@ -238,8 +250,8 @@ def test_no_donation_by_default_so_clones_stay_valid():
 
 def test_donation_keeps_the_model_and_optimizer_valid():
   model, optimizer = make(OPTIMIZERS["unified_sam"]())
-  held = nnx.state(model, nnx.Param)          # holds the model's variables
-  raw = nnx.as_pure(nnx.state(model, nnx.Param))["l1"]["kernel"]   # a raw array: donated
+  held = nnx.state(model, nnx.Param)  # holds the model's variables
+  raw = nnx.as_pure(nnx.state(model, nnx.Param))["l1"]["kernel"]  # a raw array: donated
   train_step = sam_optax.nnx.sam_step(xent, donate=True)
   for batch in BATCHES[:2]:
     train_step(model, optimizer, batch)
@@ -247,12 +259,12 @@ def test_donation_keeps_the_model_and_optimizer_valid():
     assert not leaf.is_deleted()
   np.testing.assert_array_equal(nnx.as_pure(held)["l1"]["kernel"], model.l1.kernel[...])
   assert raw.is_deleted()
-  model(BATCHES[1][0])   # the model still runs eagerly
+  model(BATCHES[1][0])  # the model still runs eagerly
 
 
 def test_shared_array_is_not_donated_twice():
   model, optimizer = make(OPTIMIZERS["unified_sam"]())
-  model.bn.scale.set_value(model.bn.bias.get_value())   # one array in two variables
+  model.bn.scale.set_value(model.bn.bias.get_value())  # one array in two variables
   optimizer = nnx.Optimizer(model, OPTIMIZERS["unified_sam"](), wrt=nnx.Param)
   sam_optax.nnx.sam_step(xent, donate=True)(model, optimizer, BATCHES[0])
   assert not model.bn.scale.get_value().is_deleted()
@@ -282,7 +294,26 @@ def test_wrt_filter_trains_only_the_selected_variables():
   jax.tree.map(np.testing.assert_array_equal, after["l1"], before["l1"])
 
 
-def test_groups_m_sharpness_equals_functional_groups():
+def _has_microbatches():
+  import inspect  # noqa: PLC0415
+
+  return "microbatches" in inspect.signature(sam_optax.sam_step).parameters
+
+
+SPLITS = [
+  pytest.param({"ascent": "local", "groups": 2}, id="groups"),
+  pytest.param(
+    {"microbatches": 2},
+    id="microbatches",
+    marks=pytest.mark.skipif(not _has_microbatches(), reason="sam_step has no microbatches"),
+  ),
+]
+
+
+@pytest.mark.parametrize("options", SPLITS)
+def test_split_batch_options_equal_functional_sam_step(options):
+  # groups (m-sharpness) and microbatches average aux over the pieces of the batch, so the
+  # reference returns the floating statistics only and advances the dropout stream by hand.
   tx = OPTIMIZERS["unified_sam"]()
   model, optimizer = make(tx, dropout=0.5)
   graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
@@ -292,14 +323,13 @@ def test_groups_m_sharpness_equals_functional_groups():
     m = nnx.merge(graphdef, p, r, copy=True)
     return xent(m, batch), nnx.as_pure(nnx.state(m.bn, nnx.BatchStat))
 
-  ref = sam_optax.sam_step(loss_fn, tx, has_aux=True, ascent="local", groups=2, donate=False)
+  ref = sam_optax.sam_step(loss_fn, tx, has_aux=True, donate=False, **options)
   opt_state = tx.init(params)
-  step = sam_optax.nnx.sam_step(xent, ascent="local", groups=2)
+  step = sam_optax.nnx.sam_step(xent, **options)
   for batch in BATCHES[:3]:
     params, opt_state, m_ref, stats = ref(params, opt_state, batch, rest)
-    # by hand: the statistics, and the dropout stream advanced by one draw (one forward pass)
     rest["bn"] = stats
-    rest["drop"]["rngs"]["count"] = rest["drop"]["rngs"]["count"] + 1
+    rest["drop"]["rngs"]["count"] = rest["drop"]["rngs"]["count"] + 1  # one forward pass
     metrics = step(model, optimizer, batch)
   assert max_abs_diff(nnx.as_pure(nnx.state(model, nnx.Param)), params) <= TOL
   assert max_abs_diff(floats(nnx.state(model, nnx.BatchStat)), floats(stats)) <= TOL
@@ -322,8 +352,9 @@ def test_not_jitted_inside_nnx_jit_matches():
 
 def _runs_one_pass_optimizers():
   try:
-    sam_optax.sam_step(lambda p, b: jnp.sum(p ** 2), optax.sgd(0.1), donate=False)(
-        jnp.ones(2), optax.sgd(0.1).init(jnp.ones(2)), None)
+    sam_optax.sam_step(lambda p, b: jnp.sum(p**2), optax.sgd(0.1), donate=False)(
+      jnp.ones(2), optax.sgd(0.1).init(jnp.ones(2)), None
+    )
     return True
   except TypeError:
     return False
@@ -337,12 +368,14 @@ def test_one_pass_optax_optimizer():
   grads = nnx.grad(xent)(reference[0], BATCHES[0])
   ref_model, ref_opt = reference
   ref_opt.update(ref_model, grads)
-  assert max_abs_diff(nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(ref_model))) <= TOL
-  assert "loss" in metrics
+  assert max_abs_diff(floats(nnx.state(model)), floats(nnx.state(ref_model))) <= TOL
+  assert int(model.drop.rngs.count[...]) == int(ref_model.drop.rngs.count[...]) == 1
+  assert "loss" in metrics and "perturbed_loss" not in metrics
 
 
 def test_docstring_example():
-  import doctest   # pylint: disable=g-import-not-at-top
+  import doctest  # pylint: disable=g-import-not-at-top
+
   result = doctest.testmod(sam_optax.nnx, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
@@ -370,15 +403,18 @@ def test_clear_errors():
     sam_optax.nnx.sam_step(xent, ascent="nope")
   with pytest.raises(ValueError, match="needs ascent='local'"):
     sam_optax.nnx.sam_step(xent, groups=2)
-  assert int(optimizer.step) == 0   # nothing ran
+  assert int(optimizer.step) == 0  # nothing ran
 
 
 def test_sam_optax_does_not_import_flax():
-  code = ("import sys, sam_optax; assert 'flax' not in sys.modules, 'flax imported'; "
-          "m = sam_optax.nnx; assert 'flax' in sys.modules and m.sam_step")
+  code = (
+    "import sys, sam_optax; assert 'flax' not in sys.modules, 'flax imported'; "
+    "m = sam_optax.nnx; assert 'flax' in sys.modules and m.sam_step"
+  )
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -400,12 +436,18 @@ DEVICES = 4
 def _devices():
   """Sharded jit (state replicated, batch sharded) vs one device; runs in the subprocess."""
   # pylint: disable-next=g-import-not-at-top
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   assert jax.device_count() == DEVICES, jax.devices()
   out = {}
   # (Not adam-based gsam: adam's g/√v turns the round-off of a ~0 gradient into ±lr.)
-  for mesh_kind, name in (("auto", "unified_sam"), ("auto", "sam_sps"),
-                          ("explicit", "unified_sam")):
+  for mesh_kind, name in (
+    ("auto", "unified_sam"),
+    ("auto", "sam_sps"),
+    ("explicit", "unified_sam"),
+  ):
     try:
       types = (AxisType.Auto,) if mesh_kind == "auto" else (AxisType.Explicit,)
       mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=types)
@@ -422,13 +464,54 @@ def _devices():
         sharded_metrics = sharded_step(*sharded, batch)
         state = nnx.as_pure(nnx.state(sharded))
         replicated &= all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
-        err = max(err, max_abs_diff(floats(nnx.state((model, optimizer))), floats(state)),
-                  max_abs_diff(metrics, sharded_metrics))
+        err = max(
+          err,
+          max_abs_diff(floats(nnx.state((model, optimizer))), floats(state)),
+          max_abs_diff(metrics, sharded_metrics),
+        )
       counts = [int(model.drop.rngs.count[...]), int(sharded[0].drop.rngs.count[...])]
-      out[f"{mesh_kind}-{name}"] = {"err": err, "replicated": bool(replicated),
-                                    "batch_sharded": bool(batch_sharded), "counts": counts}
-    except Exception as e:   # noqa: BLE001  (reported to and asserted on by the test)
+      out[f"{mesh_kind}-{name}"] = {
+        "err": err,
+        "replicated": bool(replicated),
+        "batch_sharded": bool(batch_sharded),
+        "counts": counts,
+      }
+    except Exception as e:  # noqa: BLE001  (reported to and asserted on by the test)
       out[f"{mesh_kind}-{name}"] = {"exception": f"{type(e).__name__}: {e}"[:2000]}
+  try:  # axis_name: the step (jit=False) inside nnx.shard_map, BatchNorm averaged over the axis
+    mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+    model, optimizer = make(OPTIMIZERS["unified_sam"](), dropout=0.0)
+    sharded = deep_copy((model, optimizer))
+    sharded[0].bn.axis_name = "data"
+    nnx.update(sharded, jax.device_put(nnx.as_pure(nnx.state(sharded)), NamedSharding(mesh, P())))
+    inner = sam_optax.nnx.sam_step(xent, axis_name="data", jit=False)
+
+    @nnx.jit
+    def train(model, optimizer, batch):
+      @nnx.shard_map(mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())
+      def per_device(model, optimizer, batch):
+        return inner(model, optimizer, batch)
+
+      return per_device(model, optimizer, batch)
+
+    step, err = sam_optax.nnx.sam_step(xent), 0.0
+    for batch in BATCHES[:3]:
+      metrics = step(model, optimizer, batch)
+      sharded_metrics = train(*sharded, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+      state = nnx.as_pure(nnx.state(sharded))
+      err = max(
+        err,
+        max_abs_diff(floats(nnx.state((model, optimizer))), floats(state)),
+        max_abs_diff(metrics, sharded_metrics),
+      )
+    out["shard_map-unified_sam"] = {
+      "err": err,
+      "replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state)),
+      "batch_sharded": True,
+      "counts": [int(optimizer.step[...]), int(sharded[1].step[...])],
+    }
+  except Exception as e:  # noqa: BLE001
+    out["shard_map-unified_sam"] = {"exception": f"{type(e).__name__}: {e}"[:2000]}
   return out
 
 
@@ -438,13 +521,21 @@ def device_results():
   flag = f"--xla_force_host_platform_device_count={DEVICES}"
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, __file__, "devices"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, __file__, "devices"],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["auto-unified_sam", "auto-sam_sps", "explicit-unified_sam"])
+@pytest.mark.parametrize(
+  "case", ["auto-unified_sam", "auto-sam_sps", "explicit-unified_sam", "shard_map-unified_sam"]
+)
 def test_sharded_jit_equals_one_device(device_results, case):
   result = device_results[case]
   assert "exception" not in result, result
@@ -455,14 +546,14 @@ def test_sharded_jit_equals_one_device(device_results, case):
 
 def _readme_block(heading):
   text = (ROOT / "README.md").read_text()
-  section = text[text.index(f"## {heading}"):]
-  section = section[:section.index("\n## ", 1)]
+  section = text[text.index(f"## {heading}") :]
+  section = section[: section.index("\n## ", 1)]
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
 
 
 def test_readme_nnx_example_runs_and_learns():
   namespace = {}
-  exec(_readme_block("Flax NNX"), namespace)   # pylint: disable=exec-used
+  exec(_readme_block("Flax NNX"), namespace)  # pylint: disable=exec-used
   model, optimizer, metrics = namespace["model"], namespace["optimizer"], namespace["metrics"]
   x = namespace["x"]
   assert int(optimizer.step) == 100 and int(model.drop.rngs.count[...]) == 100
@@ -486,16 +577,21 @@ def _jax_jit_step(loss, donate=False):
     new_state, metrics = pure(graphdef, nnx.as_pure(state), batch)
     nnx.update((model, optimizer), new_state)
     return metrics
+
   return step
 
 
 def _bench(repeats=15, steps=40):
   """Time per step (µs, median and spread over interleaved repeats) on the small Net."""
-  import time   # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
   tx = OPTIMIZERS["unified_sam"]()
   calls = {}
-  for name in ("sam_optax.nnx.sam_step (nnx.jit)", "jax.jit over nnx.split/merge/update",
-               "nnx.cached_partial(sam_optax.nnx.sam_step(...), model, optimizer)"):
+  for name in (
+    "sam_optax.nnx.sam_step (nnx.jit)",
+    "jax.jit over nnx.split/merge/update",
+    "nnx.cached_partial(sam_optax.nnx.sam_step(...), model, optimizer)",
+  ):
     model, optimizer = make(tx)
     if name.startswith("jax.jit"):
       step = _jax_jit_step(xent)
@@ -514,8 +610,14 @@ def _bench(repeats=15, steps=40):
         metrics = call(BATCHES[i % 4])
       jax.block_until_ready(metrics)
       times[name].append((time.perf_counter() - start) / steps * 1e6)
-  return {name: {"median_us": round(float(np.median(t))), "min_us": round(float(np.min(t))),
-                 "max_us": round(float(np.max(t)))} for name, t in times.items()}
+  return {
+    name: {
+      "median_us": round(float(np.median(t))),
+      "min_us": round(float(np.min(t))),
+      "max_us": round(float(np.max(t))),
+    }
+    for name, t in times.items()
+  }
 
 
 if __name__ == "__main__":
