@@ -58,7 +58,7 @@ __all__ = (
 
 
 def __getattr__(name: str):
-  # `sam_optax.nnx` / `sam_optax.linen` import flax, so they load on first use only.
+  # Submodules for flax (sam_optax.nnx imports it) load on first use only.
   if name in ("nnx", "linen"):
     import importlib  # pylint: disable=g-import-not-at-top
 

@@ -64,7 +64,8 @@ def sam_step(
   it computes the single-device step on the global batch. ``groups``
   and ``ascent="local"`` give m-sharpness as in :func:`sam_optax.sam_step`;
   ``axis_name`` is for a step built with ``jit=False`` and run inside
-  ``nnx.shard_map``/``nnx.pmap``.
+  ``nnx.shard_map``/``nnx.pmap`` (give ``nnx.BatchNorm`` the same ``axis_name``
+  for global-batch statistics).
 
   Args:
     loss_fn: ``loss_fn(model, batch, *args)`` returning a scalar loss, or
