@@ -55,3 +55,12 @@ __all__ = (
     "unified_sam",
     "unreplicate",
 )
+
+
+def __getattr__(name: str):
+  # Submodules for flax (sam_optax.nnx imports it) load on first use only.
+  if name in ("nnx", "linen"):
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    return importlib.import_module(f"sam_optax.{name}")
+  raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
