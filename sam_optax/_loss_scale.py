@@ -46,16 +46,21 @@ def dynamic_loss_scale(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a SAM optimizer with dynamic loss scaling for float16 training.
 
-  :func:`sam_step` sees the :class:`DynamicLossScaleState` and multiplies the
-  loss by ``scale`` in *both* passes; this wrapper divides each pass's gradient
+  :func:`sam_step` reads the scale from the state (its ``sam_loss_scale()``) and
+  multiplies the loss by it in *both* passes; this wrapper divides each pass's gradient
   (and the perturbed loss) by the scale before the optimizer uses them. If
   either pass produces a non-finite gradient, or the step a non-finite update
   or state, the whole step is skipped: updates are zero, the inner state is
   left untouched, and the scale is multiplied by ``backoff_factor``. After
   ``growth_interval`` finite steps in a row the scale grows by ``growth_factor``.
 
+  It wraps a one-pass optax optimizer the same way. Wrapping it twice is a
+  ValueError (the loss would be scaled once and unscaled twice), and so is
+  ``sam_step(..., ascent="local")`` (replicas could disagree on skipping).
+
   Args:
-    optimizer: a two-pass optimizer (:func:`unified_sam`, :func:`sam_sps`, ...).
+    optimizer: a two-pass optimizer (:func:`unified_sam`, :func:`sam_sps`, ...)
+      or any optax optimizer.
     init_scale: the initial loss scale.
     growth_interval: finite steps between two increases of the scale.
     growth_factor: factor (> 1) applied when growing.

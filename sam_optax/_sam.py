@@ -50,6 +50,14 @@ def sharpness_aware(
   The descent sees the unperturbed parameters x, so weight decay and any other
   parameter-dependent term are evaluated at x, and its output is applied to x.
 
+  Under :func:`sam_step` the update also receives the ``sam_context`` extra
+  argument: it refuses a gradient other than the one the step computed (a
+  transform chained in front of it would shape only the ascent; put it in the
+  descent or before the perturbation instead), averages its perturbation state
+  over the replicas when the ascent is local, and passes the context on to the
+  descent. When ``optax.masked`` or ``optax.multi_transform`` hand it a subset of
+  the parameters, the step evaluates the other leaves at x in the perturbed pass.
+
   This is the "opaque" form: a plain optax loop calls
   ``tx.update(grads, state, params, value_and_grad_fn=...)`` once per step.
   :func:`sam_optax.sam_step` builds and jit-compiles that loop for you.
