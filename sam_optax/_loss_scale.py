@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import _common
@@ -53,7 +54,15 @@ def dynamic_loss_scale(
   either pass produces a non-finite gradient, or the step a non-finite update
   or state, the whole step is skipped: updates are zero, the inner state is
   left untouched, and the scale is multiplied by ``backoff_factor``. After
-  ``growth_interval`` finite steps in a row the scale grows by ``growth_factor``.
+  ``growth_interval`` finite steps in a row the scale grows by ``growth_factor``
+  (never to inf).
+
+  Gradients and f(e) are unscaled by dividing by the scale in at least float32
+  (float64 stays float64), then cast back to their dtype, so a large but finite
+  scaled float16 gradient never turns into inf or NaN where the unscaled value is
+  representable. A non-finite perturbed gradient also marks f(e) as NaN, so the
+  step is skipped even when the descent would turn it into a finite update
+  (SAM-SPS takes γ_t = 0 then).
 
   Args:
     optimizer: a two-pass optimizer (:func:`unified_sam`, :func:`sam_sps`, ...).
@@ -68,12 +77,16 @@ def dynamic_loss_scale(
   """
   _common.check_scalar_hyperparam("init_scale", init_scale, low=0.0, low_open=True, allow_schedule=False)
   _common.check_scalar_hyperparam("min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False)
-  if not isinstance(growth_interval, int) or growth_interval < 1:
+  if isinstance(growth_interval, bool) or not isinstance(growth_interval, (int, np.integer)) or (
+      growth_interval < 1):
     raise ValueError(f"`growth_interval` must be a positive int, got {growth_interval!r}.")
-  if not growth_factor > 1.0:
-    raise ValueError(f"`growth_factor` must be > 1, got {growth_factor!r}.")
-  if not 0.0 < backoff_factor < 1.0:
-    raise ValueError(f"`backoff_factor` must be in (0, 1), got {backoff_factor!r}.")
+  _common.check_scalar_hyperparam(
+      "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
+  )
+  _common.check_scalar_hyperparam(
+      "backoff_factor", backoff_factor, low=0.0, low_open=True, high=1.0, high_open=True,
+      allow_schedule=False,
+  )
   optimizer = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
@@ -85,16 +98,25 @@ def dynamic_loss_scale(
     )
 
   def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
-    inv_scale = 1.0 / state.scale
+    def unscale(x):
+      # In at least float32 (float64 stays float64), then back: a float16 gradient
+      # scaled near its max (65504) unscales to a normal number, and 1/scale (which
+      # can be below float16's range) is never formed in the leaf's dtype.
+      x = jnp.asarray(x)
+      dtype = jnp.promote_types(x.dtype, jnp.float32)
+      return (x.astype(dtype) / state.scale.astype(dtype)).astype(x.dtype)
 
-    def unscale(tree):
-      return jax.tree.map(lambda g: (g.astype(jnp.float32) * inv_scale).astype(g.dtype), tree)
-
-    grads = unscale(updates)
+    grads = jax.tree.map(unscale, updates)
     if value_and_grad_fn is not None:
       def unscaled_value_and_grad(p):
         value, g = value_and_grad_fn(p)
-        return jnp.asarray(value, jnp.float32) * inv_scale, unscale(g)
+        g = jax.tree.map(unscale, g)
+        # A non-finite ∇f(e) must skip the step even where the descent maps it to a
+        # finite update (SAM-SPS takes γ_t = 0 then): report it in f(e), which the
+        # state keeps and the finite check below reads.
+        value = jnp.asarray(value, jnp.promote_types(jnp.asarray(value).dtype, jnp.float32))
+        value = jnp.where(_all_finite(g), value / state.scale.astype(value.dtype), jnp.nan)
+        return value, g
 
       extra_args["value_and_grad_fn"] = unscaled_value_and_grad
     new_updates, new_inner = optimizer.update(grads, state.inner, params, **extra_args)
@@ -104,9 +126,11 @@ def dynamic_loss_scale(
     new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_inner, state.inner)
     good = jnp.where(finite, state.good_steps + 1, 0)
     grow = good >= growth_interval
+    grown = state.scale * growth_factor
     scale = jnp.where(
         finite,
-        jnp.where(grow, state.scale * growth_factor, state.scale),
+        # Never grow into inf (1/inf would zero every gradient).
+        jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
         jnp.maximum(state.scale * backoff_factor, min_scale),
     )
     return new_updates, DynamicLossScaleState(

@@ -42,7 +42,13 @@ def polyak_step_size(
     \gamma_t = \min(\max(r, 0), \gamma_b), \qquad
     u = -\gamma_t (\nabla f(e) + \mathrm{wd}\cdot x).
 
-  A NaN ratio gives γ_t = 0. Weight decay is not part of the ratio; it enters
+  A NaN ratio gives γ_t = 0, and γ_t = 0 leaves x exactly where it is (the
+  update is selected to 0, so an inf or NaN in ∇f(e) cannot leak through
+  0·inf). The norms and the inner product are computed overflow-safe: the ratio
+  is finite wherever its true value is representable. Injected or scheduled
+  values are clipped at run time: γ_b ← max(γ_b, 0) (so γ_t ∈ [0, max(γ_b, 0)],
+  never an ascent), weight decay ← max(wd, 0), eps ← max(eps, tiny); NaN counts
+  as 0. A schedule must return a real scalar. Weight decay is not part of the ratio; it enters
   only the update, at x. Without ``perturbation`` the inner product is 0 and
   this is the classical SPS_max step of Loizou et al. (2021). γ_t of the last
   step is kept in ``state.step_size``. Reductions run in at least float32.
@@ -92,20 +98,43 @@ def polyak_step_size(
     if not no_decay and params is None:
       raise ValueError("polyak_step_size(weight_decay=...) needs `params`.")
     dtype = _common.accumulation_dtype(updates)
-    numerator = jnp.asarray(value, dtype) - jnp.asarray(_common.resolve(f_star, state.count), dtype)
+    c = _common.down_scale(dtype)
+    eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
+    loss_gap = jnp.asarray(value, dtype) - _common.resolve_scalar("f_star", f_star, state.count, dtype)
+    # Plain sums and their exactly down-scaled twins, all reductions of ∇f(e) and δ
+    # in one pass: the plain ratio when nothing overflows (bit-identical to the
+    # textbook formula), else the same ratio from the scaled sums.
+    gg, gg_scaled = _common.sum_of_squares_pair(updates, dtype)
     if perturbation is not None:
-      numerator = numerator - _common.tree_vdot(updates, perturbation, dtype)
-    denominator = jnp.maximum(_common.tree_sum_of_squares(updates, dtype), eps)
-    ratio = numerator / denominator
-    cap = jnp.asarray(_common.resolve(gamma_b, state.count), dtype)
+      gd, gd_scaled = _common.tree_vdot_pair(updates, perturbation, dtype)
+    else:
+      gd = gd_scaled = jnp.zeros([], dtype)
+    fast = jnp.isfinite(gg) & jnp.isfinite(gd)
+    plain_ratio = (loss_gap - gd) / jnp.maximum(gg, eps_t)
+    # max(‖g‖², eps) = max(‖g‖, √eps)²; scaling twice by 1/‖g‖ keeps every term in
+    # range. Multiplications, not a chain of divisions, which XLA would rewrite as
+    # a / (‖g‖·‖g‖) and so overflow again.
+    inv_norm = 1.0 / jnp.maximum(jnp.sqrt(gg_scaled) / c, jnp.sqrt(eps_t))
+    safe_ratio = (loss_gap * inv_norm) * inv_norm - ((gd_scaled * inv_norm) / c) * inv_norm
+    ratio = jnp.where(fast, plain_ratio, safe_ratio)
+    # Injected/scheduled values are clipped: γ_b ← max(γ_b, 0), so γ_t ∈ [0, max(γ_b, 0)].
+    cap = _common.clip_traced(_common.resolve_scalar("gamma_b", gamma_b, state.count, dtype), 0.0)
     gamma = jnp.where(jnp.isnan(ratio), 0.0, jnp.clip(ratio, 0.0, cap)).astype(dtype)
+    # γ_t = 0 means "do not move", even where ∇f(e) is inf or NaN: select, never 0·inf.
+    move = gamma > 0
 
     if no_decay:
-      new_updates = jax.tree.map(lambda g: (-gamma * g.astype(dtype)).astype(g.dtype), updates)
-    else:
-      wd = jnp.asarray(_common.resolve(weight_decay, state.count), dtype)
       new_updates = jax.tree.map(
-          lambda g, x: (-gamma * (g.astype(dtype) + wd * x.astype(dtype))).astype(g.dtype),
+          lambda g: jnp.where(move, -gamma * g.astype(dtype), 0.0).astype(g.dtype), updates
+      )
+    else:
+      wd = _common.clip_traced(
+          _common.resolve_scalar("weight_decay", weight_decay, state.count, dtype), 0.0
+      )
+      new_updates = jax.tree.map(
+          lambda g, x: jnp.where(
+              move, -gamma * (g.astype(dtype) + wd * x.astype(dtype)), 0.0
+          ).astype(g.dtype),
           updates,
           params,
       )
