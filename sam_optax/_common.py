@@ -20,17 +20,6 @@ def accumulation_dtype(tree: Any) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
-def down_scale(dtype: jnp.dtype) -> float:
-  """A power of two c that makes squares of any finite `dtype` value summable.
-
-  With c = 2^(-3·maxexp/4) (2^-96 for float32, 2^-768 for float64), (x·c)² of the
-  largest finite x is about 2^(maxexp/2), so sums of up to 2^(maxexp/2) such
-  terms stay finite, and a sum that overflowed unscaled (‖x‖ ≥ 2^(maxexp/2))
-  stays a normal number once scaled. Multiplying by a power of two is exact.
-  """
-  return float(2.0 ** -(3 * jnp.finfo(dtype).maxexp // 4))
-
-
 def _tree_sum(terms: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
   return sum(terms) if terms else jnp.zeros([], dtype)
 
@@ -40,67 +29,111 @@ def tree_sum_of_squares(tree: Any, dtype: jnp.dtype) -> jax.Array:
   return _tree_sum([jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)], dtype)
 
 
-def sum_of_squares_pair(tree: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """(Σ x², Σ (x·c)²): two sibling reductions of the same input, which XLA fuses
-  into one pass; the second one is finite whenever the true norm is."""
-  c = down_scale(dtype)
-  leaves = [x.astype(dtype) for x in jax.tree.leaves(tree)]
-  plain = _tree_sum([jnp.sum(jnp.square(x)) for x in leaves], dtype)
-  scaled = _tree_sum([jnp.sum(jnp.square(x * c)) for x in leaves], dtype)
-  return plain, scaled
+def tree_vdot(a: Any, b: Any, dtype: jnp.dtype) -> jax.Array:
+  """Σ over leaves of <a, b>, accumulated in `dtype` (may overflow: see `tree_projection`)."""
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return _tree_sum([jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in pairs], dtype)
+
+
+# Overflow-safe reductions. The plain sums are computed as before and used whenever they
+# are finite, so results are bit-identical to the textbook formulas and the usual step
+# costs nothing extra. Only when a sum overflowed (or the data is not finite) does a
+# `lax.cond` branch recompute it from the tree scaled by a power of two s with
+# max|x·s| in [0.5, 1): the scaling is exact, and s is a run-time value, so XLA cannot
+# re-associate (x·s)² into x²·s² (it does so for constant factors), which would
+# overflow again. Under `vmap` the cond becomes a select: both branches run.
+
+
+def tree_max_abs(tree: Any, dtype: jnp.dtype) -> jax.Array:
+  """max |x| over all leaves, in `dtype` (0 for an empty tree; NaN if any entry is NaN)."""
+  leaves = [jnp.max(jnp.abs(x.astype(dtype))) for x in jax.tree.leaves(tree) if x.size]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], dtype)
+
+
+def pow2_scale(m: jax.Array) -> jax.Array:
+  """The power of two s with m·s in [0.5, 1) (1 when m is 0 or not finite); exact to apply."""
+  finfo = jnp.finfo(m.dtype)
+  ok = jnp.isfinite(m) & (m > 0)
+  _, exponent = jnp.frexp(jnp.where(ok, m, 1.0))
+  # Keep s itself a normal number (m is not tiny on the paths that need s).
+  exponent = jnp.clip(exponent, finfo.minexp + 1, finfo.maxexp - 1)
+  return jnp.where(ok, jnp.ldexp(jnp.ones([], m.dtype), -exponent), 1.0).astype(m.dtype)
+
+
+def _scaled(tree: Any, dtype: jnp.dtype) -> tuple[list[jax.Array], jax.Array]:
+  s = pow2_scale(tree_max_abs(tree, dtype))
+  return [x.astype(dtype) * s for x in jax.tree.leaves(tree)], s
 
 
 def tree_norm(tree: Any, dtype: jnp.dtype) -> jax.Array:
   """The global L2 norm over all leaves, overflow-safe, accumulated in `dtype`.
 
-  Bit-identical to sqrt(Σ x²) whenever Σ x² is finite; when it overflows, the
-  norm comes from the exactly down-scaled sum, so it is finite wherever the
-  true norm is representable (a 1e20 float32 gradient has a finite norm).
-  An inf element gives inf and a NaN element NaN, as they should.
+  Equal, bit for bit, to sqrt(Σ x²) whenever Σ x² is finite; otherwise
+  ‖x‖ = ‖x·s‖ / s with the exact power-of-two scale s of `pow2_scale`, so the
+  norm is finite wherever the true norm is representable (a 1e20 float32
+  gradient has a finite norm). An inf entry gives inf and a NaN entry NaN.
   """
-  plain, scaled = sum_of_squares_pair(tree, dtype)
-  return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), jnp.sqrt(scaled) / down_scale(dtype))
+  plain = tree_sum_of_squares(tree, dtype)
+
+  def rescaled(tree):
+    leaves, s = _scaled(tree, dtype)
+    return jnp.sqrt(_tree_sum([jnp.sum(jnp.square(x)) for x in leaves], dtype)) / s
+
+  return jax.lax.cond(jnp.isfinite(plain), lambda _: jnp.sqrt(plain), rescaled, tree)
 
 
-def tree_vdot(a: Any, b: Any, dtype: jnp.dtype) -> jax.Array:
-  """Σ over leaves of <a, b>, accumulated in `dtype` (may overflow: see `tree_vdot_pair`)."""
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  return _tree_sum([jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in pairs], dtype)
+def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
+  r"""<v, u> / ‖u‖², overflow-safe; 0 for a zero `u`.
 
-
-def tree_vdot_pair(a: Any, b: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """(<a, b>, <a·c, b>) with the exact power of two c of `down_scale`.
-
-  The second is finite wherever <a, b> is within a factor 1/c of the largest
-  float; only `a` is scaled so that small entries of `b` do not underflow.
+  The plain ``<v,u> / Σu²`` (bit-identical to the naive formula) when neither
+  reduction overflows; otherwise both trees are scaled by exact powers of two
+  s_v, s_u first: <v,u>/‖u‖² = (<v s_v, u s_u> / ‖u s_u‖²) · s_u / s_v.
   """
-  c = down_scale(dtype)
-  pairs = [(x.astype(dtype), y.astype(dtype)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-  plain = _tree_sum([jnp.sum(x * y) for x, y in pairs], dtype)
-  scaled = _tree_sum([jnp.sum((x * c) * y) for x, y in pairs], dtype)
-  return plain, scaled
+  uu = tree_sum_of_squares(u, dtype)
+  vu = tree_vdot(v, u, dtype)
+
+  def plain(_):
+    nonzero = uu > 0
+    return jnp.where(nonzero, vu / jnp.where(nonzero, uu, 1.0), 0.0)
+
+  def rescaled(trees):
+    (vs, s_v), (us, s_u) = _scaled(trees[0], dtype), _scaled(trees[1], dtype)
+    uu_s = _tree_sum([jnp.sum(jnp.square(x)) for x in us], dtype)
+    vu_s = _tree_sum([jnp.sum(x * y) for x, y in zip(vs, us)], dtype)
+    nonzero = (uu_s > 0) & (vu_s != 0)
+    ratio = (vu_s / jnp.where(nonzero, uu_s, 1.0)) * s_u / s_v
+    return jnp.where(nonzero, ratio, 0.0)
+
+  return jax.lax.cond(jnp.isfinite(uu) & jnp.isfinite(vu), plain, rescaled, (v, u))
 
 
-def tree_norm_and_projection(v: Any, u: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  r"""(‖u‖, <v, u>/‖u‖²), both overflow-safe; the ratio is 0 for a zero `u`.
+def polyak_ratio(
+    loss_gap: jax.Array, grads: Any, perturbation: Any, eps: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
+  r"""(loss_gap - <g, δ>) / max(‖g‖², eps), overflow-safe (δ may be None: <g, δ> = 0).
 
-  When neither reduction overflows this is the plain ``<v,u> / Σu²``
-  (bit-identical to the naive formula); otherwise the ratio is evaluated as
-  ((<v·c, u>·(1/‖u‖))/c)·(1/‖u‖), whose middle term is <v, u/‖u‖>, bounded by ‖v‖, so no
-  intermediate overflows where the ratio itself is representable.
+  The plain formula when ‖g‖² and <g, δ> are finite; otherwise, with the exact
+  power-of-two scale s of g, ((loss_gap·s - <g s, δ>) / max(‖g s‖², eps·s²)) · s,
+  whose terms are all of order one where the ratio is representable.
   """
-  c = down_scale(dtype)
-  uu, uu_scaled = sum_of_squares_pair(u, dtype)
-  vu, vu_scaled = tree_vdot_pair(v, u, dtype)
-  unorm = jnp.where(jnp.isfinite(uu), jnp.sqrt(uu), jnp.sqrt(uu_scaled) / c)
-  nonzero = unorm > 0
-  fast = jnp.isfinite(uu) & jnp.isfinite(vu)
-  safe_uu = jnp.where(nonzero, uu, 1.0)
-  # Multiplications by 1/‖u‖, not a chain of divisions: XLA rewrites (a/b)/b as
-  # a/(b·b), which would overflow again.
-  inv_unorm = 1.0 / jnp.where(nonzero, unorm, 1.0)
-  ratio = jnp.where(fast, vu / safe_uu, ((vu_scaled * inv_unorm) / c) * inv_unorm)
-  return unorm, jnp.where(nonzero, ratio, 0.0)
+  gg = tree_sum_of_squares(grads, dtype)
+  gd = jnp.zeros([], dtype) if perturbation is None else tree_vdot(grads, perturbation, dtype)
+
+  def plain(_):
+    return (loss_gap - gd) / jnp.maximum(gg, eps)
+
+  def rescaled(trees):
+    gs, s = _scaled(trees[0], dtype)
+    gg_s = _tree_sum([jnp.sum(jnp.square(x)) for x in gs], dtype)
+    if trees[1] is None:
+      gd_s = jnp.zeros([], dtype)
+    else:
+      gd_s = _tree_sum(
+          [jnp.sum(x * y.astype(dtype)) for x, y in zip(gs, jax.tree.leaves(trees[1]))], dtype
+      )
+    return ((loss_gap * s - gd_s) / jnp.maximum(gg_s, eps * s * s)) * s
+
+  return jax.lax.cond(jnp.isfinite(gg) & jnp.isfinite(gd), plain, rescaled, (grads, perturbation))
 
 
 def clip_traced(value: jax.Array, low: float | None = None, high: float | None = None) -> jax.Array:

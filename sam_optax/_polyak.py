@@ -98,25 +98,10 @@ def polyak_step_size(
     if not no_decay and params is None:
       raise ValueError("polyak_step_size(weight_decay=...) needs `params`.")
     dtype = _common.accumulation_dtype(updates)
-    c = _common.down_scale(dtype)
     eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
     loss_gap = jnp.asarray(value, dtype) - _common.resolve_scalar("f_star", f_star, state.count, dtype)
-    # Plain sums and their exactly down-scaled twins, all reductions of ∇f(e) and δ
-    # in one pass: the plain ratio when nothing overflows (bit-identical to the
-    # textbook formula), else the same ratio from the scaled sums.
-    gg, gg_scaled = _common.sum_of_squares_pair(updates, dtype)
-    if perturbation is not None:
-      gd, gd_scaled = _common.tree_vdot_pair(updates, perturbation, dtype)
-    else:
-      gd = gd_scaled = jnp.zeros([], dtype)
-    fast = jnp.isfinite(gg) & jnp.isfinite(gd)
-    plain_ratio = (loss_gap - gd) / jnp.maximum(gg, eps_t)
-    # max(‖g‖², eps) = max(‖g‖, √eps)²; scaling twice by 1/‖g‖ keeps every term in
-    # range. Multiplications, not a chain of divisions, which XLA would rewrite as
-    # a / (‖g‖·‖g‖) and so overflow again.
-    inv_norm = 1.0 / jnp.maximum(jnp.sqrt(gg_scaled) / c, jnp.sqrt(eps_t))
-    safe_ratio = (loss_gap * inv_norm) * inv_norm - ((gd_scaled * inv_norm) / c) * inv_norm
-    ratio = jnp.where(fast, plain_ratio, safe_ratio)
+    # Overflow-safe: finite wherever the true ratio is representable.
+    ratio = _common.polyak_ratio(loss_gap, updates, perturbation, eps_t, dtype)
     # Injected/scheduled values are clipped: γ_b ← max(γ_b, 0), so γ_t ∈ [0, max(γ_b, 0)].
     cap = _common.clip_traced(_common.resolve_scalar("gamma_b", gamma_b, state.count, dtype), 0.0)
     gamma = jnp.where(jnp.isnan(ratio), 0.0, jnp.clip(ratio, 0.0, cap)).astype(dtype)

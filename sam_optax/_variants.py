@@ -55,7 +55,7 @@ def _orthogonal_part(v: Any, u: Any) -> tuple[Any, jax.Array]:
   coefficient and the norm are overflow-safe (finite for 1e20 float32 inputs).
   """
   dtype = _common.accumulation_dtype(v)
-  _, coef = _common.tree_norm_and_projection(v, u, dtype)
+  coef = _common.tree_projection(v, u, dtype)
   out = jax.tree.map(
       lambda a, b: (a.astype(dtype) - coef * b.astype(dtype)).astype(a.dtype), v, u
   )
@@ -365,8 +365,7 @@ def gsam_rho_schedule(
     raise ValueError(f"`rho_min` must be <= `rho_max`, got {rho_min!r} > {rho_max!r}.")
   if not lr_min <= lr_max:
     raise ValueError(f"`lr_min` must be <= `lr_max`, got {lr_min!r} > {lr_max!r}.")
-  if not (callable(learning_rate) or _common.is_concrete_number(learning_rate)):
-    raise ValueError(f"`learning_rate` must be a number or an optax schedule, got {learning_rate!r}.")
+  _common.check_scalar_hyperparam("learning_rate", learning_rate, low=0.0)
   span = lr_max - lr_min
 
   def schedule(count):
