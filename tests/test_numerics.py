@@ -507,10 +507,13 @@ def test_loss_scale_overflow_in_one_shard_skips_on_every_replica(devices, dtype_
   skipped = got["metrics"]["skipped"]
   if dtype_name == "float16":   # 1e3·2^15/8 overflows float16 only
     assert skipped and got["metrics"]["loss_scale"] == 2.0 ** 14
-    assert got["params"] == [0.5, 1.0, 2.0] and got["state_unchanged"] is False
+    assert got["params"] == [0.5, 1.0, 2.0]
   else:
     assert not skipped and got["metrics"]["loss_scale"] == 2.0 ** 15
 
 
 if __name__ == "__main__":
+  if os.environ.get("SAM_OPTAX_MODULE"):   # e.g. an old copy of the package, for "before" values
+    import importlib
+    sam_optax = importlib.import_module(os.environ["SAM_OPTAX_MODULE"])
   print(json.dumps(_worker()))
