@@ -48,8 +48,8 @@ def polyak_step_size(
   is finite wherever its true value is representable. Injected or scheduled
   values are clipped at run time: γ_b ← max(γ_b, 0) (so γ_t ∈ [0, max(γ_b, 0)],
   never an ascent), weight decay ← max(wd, 0), eps ← max(eps, tiny); NaN counts
-  as 0. A schedule must return a real scalar. Weight decay is not part of the ratio; it enters
-  only the update, at x. Without ``perturbation`` the inner product is 0 and
+  as 0. A schedule must return a real scalar. Weight decay is not part of the
+  ratio; it enters only the update, at x. Without ``perturbation`` the inner product is 0 and
   this is the classical SPS_max step of Loizou et al. (2021). γ_t of the last
   step is kept in ``state.step_size``. Reductions run in at least float32.
 
@@ -99,7 +99,8 @@ def polyak_step_size(
       raise ValueError("polyak_step_size(weight_decay=...) needs `params`.")
     dtype = _common.accumulation_dtype(updates)
     eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
-    loss_gap = jnp.asarray(value, dtype) - _common.resolve_scalar("f_star", f_star, state.count, dtype)
+    f_star_t = _common.resolve_scalar("f_star", f_star, state.count, dtype)
+    loss_gap = jnp.asarray(value, dtype) - f_star_t
     # Overflow-safe: finite wherever the true ratio is representable.
     ratio = _common.polyak_ratio(loss_gap, updates, perturbation, eps_t, dtype)
     # Injected/scheduled values are clipped: γ_b ← max(γ_b, 0), so γ_t ∈ [0, max(γ_b, 0)].

@@ -137,7 +137,8 @@ def test_huge_gradient_polyak_ratio_is_the_true_ratio(dtype):
   u, s = jax.jit(lambda g, d: sps.update(g, sps.init(g), g, value=jnp.asarray(value, acc),
                                          perturbation=d))(g, delta)
   big = BIG[dtype.name]
-  gd = sum(float(np.sum(f64(a) / big * f64(b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(delta)))
+  gd = sum(float(np.sum(f64(a) / big * f64(b)))
+           for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(delta)))
   want = (value / big - gd) / big / (_true_norm(g, big) / big) ** 2
   np.testing.assert_allclose(float(s.step_size), want, rtol=max(RTOL[dtype.name], 1e-5))
   assert all(np.all(np.isfinite(f64(x))) for x in jax.tree.leaves(u))
@@ -196,10 +197,12 @@ def _factories():
   two_pass = lambda: sam_optax.unified_sam(optax.sgd(0.1))
   return {
       "unified_perturbation": (sam_optax.unified_perturbation, ["rho", "lambd", "eps", "eta"]),
-      "unified_sam": (lambda **kw: sam_optax.unified_sam(base, **kw), ["rho", "lambd", "eps", "eta"]),
+      "unified_sam": (lambda **kw: sam_optax.unified_sam(base, **kw),
+                      ["rho", "lambd", "eps", "eta"]),
       "sam_sps": (sam_optax.sam_sps,
                   ["rho", "lambd", "f_star", "gamma_b", "weight_decay", "eps", "eta"]),
-      "polyak_step_size": (sam_optax.polyak_step_size, ["f_star", "gamma_b", "weight_decay", "eps"]),
+      "polyak_step_size": (sam_optax.polyak_step_size,
+                           ["f_star", "gamma_b", "weight_decay", "eps"]),
       "gsam": (lambda **kw: sam_optax.gsam(two_pass(), **kw), ["alpha"]),
       "looksam": (lambda **kw: sam_optax.looksam(two_pass(), **kw), ["alpha", "every"]),
       "interval_sam": (lambda **kw: sam_optax.interval_sam(two_pass(), **kw), ["every"]),
@@ -433,8 +436,9 @@ def _worker() -> dict:
     step = jax.pmap(sam_optax.sam_step(loss, opt, axis_name="d", donate=False), axis_name="d")
     p, s = sam_optax.replicate((params, opt.init(params)))
     p1, s1, m = step(p, s, sam_optax.shard_batch(batch))
-    host = lambda t: jax.tree.map(lambda x: np.asarray(x)[0].astype(np.float64).tolist()
-                                  if np.asarray(x).dtype.kind == "f" else np.asarray(x)[0].tolist(), t)
+    def host(tree):   # replica 0, as JSON-able Python numbers
+      return jax.tree.map(lambda x: np.asarray(x)[0].astype(
+          np.float64 if np.asarray(x).dtype.kind == "f" else np.asarray(x).dtype).tolist(), tree)
     return {"identical": replicas_identical((p1, s1, m)),
             "params": host(p1)["w"], "metrics": host(m),
             "state_unchanged": bits(jax.tree.map(lambda x: np.asarray(x)[0], s1))
@@ -451,13 +455,18 @@ def _worker() -> dict:
                                         w, x, dtype)
     out[f"nan_shard_if_finite/{dtype}"] = pmapped(
         mse, optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), 3), w, x, dtype)
-    # (b) SAM-SPS whose perturbed point leaves the domain on one shard only:
-    # ∇f(e) is inf after the average, γ_t = 0 on every replica, nobody moves.
-    scale = np.ones((8, 3), np.float32)
-    scale[6] = [0.0, 200.0, 0.0]
-    logl = lambda p, b: -jnp.mean(jnp.sum(jnp.log(1.0 + b * (p["w"].astype(jnp.float32) - 0.5)), -1))
+    # (b) SAM-SPS whose perturbed point leaves the domain through shard 2 only: the
+    # clean gradient of w[1] is -1 after the average, so USAM with ρ = 1 puts e[1] at 0
+    # and ∇f(e)[1] = -inf on every replica after the average; γ_t = 0, nobody moves.
+    weights = np.ones((8, 3), np.float32)
+    weights[:, 1] = 0.0
+    weights[4:6, 1] = 4.0    # shard 2 of 4 (2 examples per shard)
+    def neg_log(p, b):
+      logs = jnp.log(p["w"].astype(jnp.float32))
+      return -jnp.mean(jnp.sum(jnp.where(b > 0, b * logs, 0.0), -1))
     out[f"inf_perturbed_shard_sps/{dtype}"] = pmapped(
-        logl, sam_optax.sam_sps(rho=1.0, lambd=0.0, weight_decay=5e-4), w, scale, dtype)
+        neg_log, sam_optax.sam_sps(rho=1.0, lambd=0.0, weight_decay=5e-4),
+        {"w": jnp.array([0.5, 1.0, 2.0], dtype)}, weights, dtype)
     # (c) Loss scaling: one shard's scaled gradient overflows; every replica skips.
     big = np.ones((8, 3), np.float32)
     big[1] = [1e3, 1.0, 1.0]
