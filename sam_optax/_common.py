@@ -20,21 +20,152 @@ def accumulation_dtype(tree: Any) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
+def _tree_sum(terms: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
+  return sum(terms) if terms else jnp.zeros([], dtype)
+
+
 def tree_sum_of_squares(tree: Any, dtype: jnp.dtype) -> jax.Array:
-  """Σ over all leaves of Σ x², accumulated in `dtype`."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros([], dtype)
-  return sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
+  """Σ over all leaves of Σ x², accumulated in `dtype` (may overflow: see `tree_norm`)."""
+  return _tree_sum([jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree)], dtype)
 
 
 def tree_vdot(a: Any, b: Any, dtype: jnp.dtype) -> jax.Array:
-  """Σ over leaves of <a, b>, accumulated in `dtype`."""
+  """Σ over leaves of <a, b>, accumulated in `dtype` (may overflow: see `tree_projection`)."""
   pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  total = jnp.zeros([], dtype)
-  for x, y in pairs:
-    total = total + jnp.sum(x.astype(dtype) * y.astype(dtype))
-  return total
+  return _tree_sum([jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in pairs], dtype)
+
+
+# Overflow-safe reductions. The plain sums are computed as before and used whenever they
+# are finite, so results are bit-identical to the textbook formulas and the usual step
+# costs nothing extra. Only when a sum overflowed (or the data is not finite) does a
+# `lax.cond` branch recompute it from the tree scaled by a power of two s with
+# max|x·s| in [0.5, 1): the scaling is exact, and s is a run-time value, so XLA cannot
+# re-associate (x·s)² into x²·s² (it does so for constant factors), which would
+# overflow again. Under `vmap` the cond becomes a select: both branches run.
+
+
+def tree_max_abs(tree: Any, dtype: jnp.dtype) -> jax.Array:
+  """max |x| over all leaves, in `dtype` (0 for an empty tree; NaN if any entry is NaN)."""
+  leaves = [jnp.max(jnp.abs(x.astype(dtype))) for x in jax.tree.leaves(tree) if x.size]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], dtype)
+
+
+def pow2_scale(m: jax.Array) -> jax.Array:
+  """The power of two s with m·s in [0.5, 1) (1 when m is 0 or not finite); exact to apply."""
+  finfo = jnp.finfo(m.dtype)
+  ok = jnp.isfinite(m) & (m > 0)
+  _, exponent = jnp.frexp(jnp.where(ok, m, 1.0))
+  # Keep s itself a normal number (m is not tiny on the paths that need s).
+  exponent = jnp.clip(exponent, finfo.minexp + 1, finfo.maxexp - 1)
+  return jnp.where(ok, jnp.ldexp(jnp.ones([], m.dtype), -exponent), 1.0).astype(m.dtype)
+
+
+def _scaled(tree: Any, dtype: jnp.dtype) -> tuple[list[jax.Array], jax.Array]:
+  s = pow2_scale(tree_max_abs(tree, dtype))
+  return [x.astype(dtype) * s for x in jax.tree.leaves(tree)], s
+
+
+def tree_norm(tree: Any, dtype: jnp.dtype) -> jax.Array:
+  """The global L2 norm over all leaves, overflow-safe, accumulated in `dtype`.
+
+  Equal, bit for bit, to sqrt(Σ x²) whenever Σ x² is finite; otherwise
+  ‖x‖ = ‖x·s‖ / s with the exact power-of-two scale s of `pow2_scale`, so the
+  norm is finite wherever the true norm is representable (a 1e20 float32
+  gradient has a finite norm). An inf entry gives inf and a NaN entry NaN.
+  """
+  plain = tree_sum_of_squares(tree, dtype)
+
+  def rescaled(tree):
+    leaves, s = _scaled(tree, dtype)
+    return jnp.sqrt(_tree_sum([jnp.sum(jnp.square(x)) for x in leaves], dtype)) / s
+
+  return jax.lax.cond(jnp.isfinite(plain), lambda _: jnp.sqrt(plain), rescaled, tree)
+
+
+def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
+  r"""<v, u> / ‖u‖², overflow-safe; 0 for a zero `u`.
+
+  The plain ``<v,u> / Σu²`` (bit-identical to the naive formula) when neither
+  reduction overflows; otherwise both trees are scaled by exact powers of two
+  s_v, s_u first: <v,u>/‖u‖² = (<v s_v, u s_u> / ‖u s_u‖²) · s_u / s_v.
+  """
+  uu = tree_sum_of_squares(u, dtype)
+  vu = tree_vdot(v, u, dtype)
+
+  def plain(_):
+    nonzero = uu > 0
+    return jnp.where(nonzero, vu / jnp.where(nonzero, uu, 1.0), 0.0)
+
+  def rescaled(trees):
+    (vs, s_v), (us, s_u) = _scaled(trees[0], dtype), _scaled(trees[1], dtype)
+    uu_s = _tree_sum([jnp.sum(jnp.square(x)) for x in us], dtype)
+    vu_s = _tree_sum([jnp.sum(x * y) for x, y in zip(vs, us)], dtype)
+    nonzero = (uu_s > 0) & (vu_s != 0)
+    ratio = (vu_s / jnp.where(nonzero, uu_s, 1.0)) * s_u / s_v
+    return jnp.where(nonzero, ratio, 0.0)
+
+  return jax.lax.cond(jnp.isfinite(uu) & jnp.isfinite(vu), plain, rescaled, (v, u))
+
+
+def polyak_ratio(
+    loss_gap: jax.Array, grads: Any, perturbation: Any, eps: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
+  r"""(loss_gap - <g, δ>) / max(‖g‖², eps), overflow-safe (δ may be None: <g, δ> = 0).
+
+  The plain formula when ‖g‖² and <g, δ> are finite; otherwise, with the exact
+  power-of-two scale s of g, ((loss_gap·s - <g s, δ>) / max(‖g s‖², eps·s²)) · s,
+  whose terms are all of order one where the ratio is representable.
+  """
+  gg = tree_sum_of_squares(grads, dtype)
+  gd = jnp.zeros([], dtype) if perturbation is None else tree_vdot(grads, perturbation, dtype)
+
+  def plain(_):
+    return (loss_gap - gd) / jnp.maximum(gg, eps)
+
+  def rescaled(trees):
+    gs, s = _scaled(trees[0], dtype)
+    gg_s = _tree_sum([jnp.sum(jnp.square(x)) for x in gs], dtype)
+    if trees[1] is None:
+      gd_s = jnp.zeros([], dtype)
+    else:
+      gd_s = _tree_sum(
+          [jnp.sum(x * y.astype(dtype)) for x, y in zip(gs, jax.tree.leaves(trees[1]))], dtype
+      )
+    return ((loss_gap * s - gd_s) / jnp.maximum(gg_s, eps * s * s)) * s
+
+  return jax.lax.cond(jnp.isfinite(gg) & jnp.isfinite(gd), plain, rescaled, (grads, perturbation))
+
+
+def clip_traced(value: jax.Array, low: float | None = None, high: float | None = None) -> jax.Array:
+  """Clips a resolved (possibly traced or scheduled) hyperparameter into [low, high].
+
+  The construction-time check cannot see injected or scheduled values; this is
+  the run-time policy for them: out-of-range values are clipped, and NaN counts
+  as `low` (selected with `where`, since `maximum`/`clip` propagate NaN).
+  Bit-identical (and folded away by XLA) for in-range constants.
+  """
+  if high is not None:
+    value = jnp.where(value < high, value, high)
+  if low is not None:
+    value = jnp.where(value > low, value, low)
+  return value
+
+
+def resolve_scalar(name: str, hyperparam: Any, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """`resolve`, then checks that the value is a real scalar and casts it to `dtype`.
+
+  Shapes and dtypes are static, so a schedule (or injected value) returning a
+  shape-(1,) array or a complex number fails here at trace time, instead of
+  silently broadcasting the parameters to its shape.
+  """
+  value = jnp.asarray(resolve(hyperparam, count))
+  if value.ndim != 0 or not (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+  ):
+    raise ValueError(
+        f"`{name}` must resolve to a real scalar, got dtype {value.dtype} and shape {value.shape}."
+    )
+  return value.astype(dtype)
 
 
 def resolve(hyperparam: Any, count: jax.Array) -> Any:
@@ -66,31 +197,43 @@ def check_scalar_hyperparam(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
+    high_open: bool = False,
     allow_schedule: bool = True,
 ) -> None:
-  """Validates a float-or-schedule hyperparameter at construction time."""
-  if callable(value):
+  """Validates a float-or-schedule hyperparameter at construction time.
+
+  Accepted: a real Python/NumPy number, a 0-d real array (concrete or traced),
+  and, if `allow_schedule`, a callable. Everything else (lists, tuples, complex
+  numbers, strings, bools, None, arrays with a shape) raises a ValueError naming
+  `name`; concrete values are also range-checked. Traced values are left to the
+  transform's run-time policy (`clip_traced`).
+  """
+  what = "a number" + (" or an optax schedule" if allow_schedule else "")
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray, np.generic)):
     if not allow_schedule:
       raise ValueError(f"`{name}` must be a number, got the callable {value!r}.")
     return
-  if isinstance(value, (str, bytes, bool)) or value is None:
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    dtype, shape = value.dtype, np.shape(value)
+    real = (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) and not (
+        jnp.issubdtype(dtype, jnp.bool_))
+    if shape != () or not real:
+      raise ValueError(f"`{name}` must be {what}, got an array of dtype {dtype} and shape {shape}.")
+    if isinstance(value, jax.core.Tracer):
+      return  # traced: clipped at run time by the transform (see its docstring).
+  elif isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise ValueError(
-        f"`{name}` must be a number{' or an optax schedule' if allow_schedule else ''}, "
-        f"got {value!r}."
+        f"`{name}` must be {what} (a real scalar), got {value!r} ({type(value).__name__})."
     )
-  if not is_concrete_number(value):
-    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, jax.core.Tracer):
-      raise ValueError(f"`{name}` must be a scalar, got an array of shape {np.shape(value)}.")
-    return  # a traced scalar: checked by the caller's contract, not in Python.
   v = float(value)
   if not np.isfinite(v):
     raise ValueError(f"`{name}` must be finite, got {value!r}.")
   if low is not None and (v < low or (low_open and v == low)):
     bound = f"> {low}" if low_open else f">= {low}"
-    rng = f" and <= {high}" if high is not None else ""
+    rng = f" and {'<' if high_open else '<='} {high}" if high is not None else ""
     raise ValueError(f"`{name}` must be {bound}{rng}, got {value!r}.")
-  if high is not None and v > high:
-    raise ValueError(f"`{name}` must be <= {high}, got {value!r}.")
+  if high is not None and (v > high or (high_open and v == high)):
+    raise ValueError(f"`{name}` must be {'<' if high_open else '<='} {high}, got {value!r}.")
 
 
 DEFAULT_EPS = 1e-12

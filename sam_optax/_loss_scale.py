@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import _common
@@ -52,7 +53,15 @@ def dynamic_loss_scale(
   either pass produces a non-finite gradient, or the step a non-finite update
   or state, the whole step is skipped: updates are zero, the inner state is
   left untouched, and the scale is multiplied by ``backoff_factor``. After
-  ``growth_interval`` finite steps in a row the scale grows by ``growth_factor``.
+  ``growth_interval`` finite steps in a row the scale grows by ``growth_factor``
+  (never to inf).
+
+  Gradients and f(e) are unscaled by dividing by the scale in at least float32
+  (float64 stays float64), then cast back to their dtype, so a large but finite
+  scaled float16 gradient never turns into inf or NaN where the unscaled value is
+  representable. A non-finite perturbed gradient also marks f(e) as NaN, so the
+  step is skipped even when the descent would turn it into a finite update
+  (SAM-SPS takes γ_t = 0 then).
 
   It wraps a one-pass optax optimizer the same way. Wrapping it twice is a
   ValueError (the loss would be scaled once and unscaled twice), and so is
@@ -87,10 +96,9 @@ def dynamic_loss_scale(
       "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
   )
   _common.check_scalar_hyperparam(
-      "backoff_factor", backoff_factor, low=0.0, low_open=True, high=1.0, allow_schedule=False
+      "backoff_factor", backoff_factor, low=0.0, low_open=True, high=1.0, high_open=True,
+      allow_schedule=False,
   )
-  if _common.is_concrete_number(backoff_factor) and float(backoff_factor) == 1.0:
-    raise ValueError(f"`backoff_factor` must be in (0, 1), got {backoff_factor!r}.")
   optimizer = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
@@ -115,16 +123,26 @@ def dynamic_loss_scale(
         "its overflow check reads each replica's own gradient, so replicas could disagree "
         "on skipping a step (use bfloat16 instead of float16 for local ascent)",
     )
-    inv_scale = 1.0 / state.scale
 
-    def unscale(tree):
-      return jax.tree.map(lambda g: (g.astype(jnp.float32) * inv_scale).astype(g.dtype), tree)
+    def unscale(x):
+      # In at least float32 (float64 stays float64), then back: a float16 gradient
+      # scaled near its max (65504) unscales to a normal number, and 1/scale (which
+      # can be below float16's range) is never formed in the leaf's dtype.
+      x = jnp.asarray(x)
+      dtype = jnp.promote_types(x.dtype, jnp.float32)
+      return (x.astype(dtype) / state.scale.astype(dtype)).astype(x.dtype)
 
-    grads = unscale(updates)
+    grads = jax.tree.map(unscale, updates)
     if value_and_grad_fn is not None:
       def unscaled_value_and_grad(p):
         value, g = value_and_grad_fn(p)
-        return jnp.asarray(value, jnp.float32) * inv_scale, unscale(g)
+        g = jax.tree.map(unscale, g)
+        # A non-finite ∇f(e) must skip the step even where the descent maps it to a
+        # finite update (SAM-SPS takes γ_t = 0 then): report it in f(e), which the
+        # state keeps and the finite check below reads.
+        value = jnp.asarray(value, jnp.promote_types(jnp.asarray(value).dtype, jnp.float32))
+        value = jnp.where(_protocol.all_finite(g), value / state.scale.astype(value.dtype), jnp.nan)
+        return value, g
 
       extra_args["value_and_grad_fn"] = unscaled_value_and_grad
     if sam_context is not None:
@@ -137,9 +155,11 @@ def dynamic_loss_scale(
     new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_inner, state.inner)
     good = jnp.where(finite, state.good_steps + 1, 0)
     grow = good >= growth_interval
+    grown = state.scale * growth_factor
     scale = jnp.where(
         finite,
-        jnp.where(grow, state.scale * growth_factor, state.scale),
+        # Never grow into inf (1/inf would zero every gradient).
+        jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
         jnp.maximum(state.scale * backoff_factor, min_scale),
     )
     return new_updates, DynamicLossScaleState(

@@ -96,6 +96,13 @@ def unified_perturbation(
   perturbation altogether (δ = 0 there), zero their gradient before it:
   ``optax.chain(optax.masked(optax.set_to_zero(), excluded), unified_perturbation(...))``.
 
+  Numerics: ‖g‖ is computed overflow-safe (a 1e20 float32 gradient still gives
+  ‖δ‖ = ρ at λ = 1 and a finite ``grad_norm``), and ρ_t = 0 gives δ = 0 exactly.
+  Injected (``optax.inject_hyperparams``) or scheduled values are clipped into
+  the valid range at run time: ρ_t ← max(ρ_t, 0), λ_t ← clip(λ_t, 0, 1),
+  η ← max(η, 0), eps ← max(eps, tiny); NaN counts as the lower bound. The
+  state records the clipped ρ_t and λ_t. A schedule must return a real scalar.
+
   The output is δ itself (add it to the parameters with ``optax.apply_updates``
   to get the perturbed point). It may follow other transforms in an
   ``optax.chain`` (e.g. gradient clipping), which then shape the ascent only.
@@ -146,9 +153,10 @@ def unified_perturbation(
   if norm not in _NORMS:
     raise ValueError(f"`norm` must be one of {_NORMS}, got {norm!r}.")
   eps = _common.default_eps(eps)
-  if adaptive:
-    _common.check_scalar_hyperparam("eta", eta, low=0.0, allow_schedule=False)
-  elif mask is not None:
+  _common.check_scalar_hyperparam("eta", eta, low=0.0, allow_schedule=False)
+  if not isinstance(adaptive, (bool, np.bool_)):
+    raise ValueError(f"`adaptive` must be a bool, got {adaptive!r}.")
+  if not adaptive and mask is not None:
     raise ValueError(
         "`mask` selects the leaves that ASAM scales and needs adaptive=True. To "
         "leave leaves out of the perturbation, zero their gradient before it with "
@@ -169,18 +177,25 @@ def unified_perturbation(
     if adaptive and params is None:
       raise ValueError("unified_perturbation(adaptive=True) needs `params`.")
     dtype = _common.accumulation_dtype(updates)
-    rho_t = jnp.asarray(_common.resolve(rho, state.count), dtype)
-    lambd_t = jnp.asarray(_common.resolve(lambd, state.count), dtype)
+    # Injected/scheduled values are not seen by the construction checks: clip them
+    # into the valid range (never an ascent of the wrong sign, never NaN).
+    rho_t = _common.clip_traced(_common.resolve_scalar("rho", rho, state.count, dtype), 0.0)
+    lambd_t = _common.clip_traced(
+        _common.resolve_scalar("lambd", lambd, state.count, dtype), 0.0, 1.0
+    )
+    # eps > 0 keeps a zero gradient's δ at 0 (not 0/0) if an injected eps is <= 0.
+    eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
 
-    grad_norm = jnp.sqrt(_common.tree_sum_of_squares(updates, dtype))
+    grad_norm = _common.tree_norm(updates, dtype)
     if adaptive:
       keep = _adaptive_mask(mask, params)
+      eta_t = _common.clip_traced(jnp.asarray(eta, dtype), 0.0)
       # T = 1 on masked-out leaves: multiplying by 1.0 is exact (and folded away).
       scale = jax.tree.map(
-          lambda x, k: jnp.abs(x.astype(dtype)) + eta if k else 1.0, params, keep
+          lambda x, k: jnp.abs(x.astype(dtype)) + eta_t if k else 1.0, params, keep
       )
       direction = jax.tree.map(lambda g, s: g.astype(dtype) * s, updates, scale)
-      direction_norm = jnp.sqrt(_common.tree_sum_of_squares(direction, dtype))
+      direction_norm = _common.tree_norm(direction, dtype)
     else:
       scale = None
       direction = jax.tree.map(lambda g: g.astype(dtype), updates)
@@ -188,7 +203,7 @@ def unified_perturbation(
 
     if norm == "l2":
       # One scalar coefficient; eps keeps it finite for a zero gradient (δ = 0).
-      coef = rho_t * (1.0 - lambd_t + lambd_t / (direction_norm + eps))
+      coef = rho_t * (1.0 - lambd_t + lambd_t / (direction_norm + eps_t))
       delta = jax.tree.map(lambda d: coef * d, direction)
     else:
       delta = jax.tree.map(
@@ -196,8 +211,11 @@ def unified_perturbation(
       )
     if adaptive:
       delta = jax.tree.map(lambda d, s: d * s, delta, scale)
-    # Computed in the accumulation dtype, returned in each leaf's own dtype.
-    delta = jax.tree.map(lambda d, g: d.astype(g.dtype), delta, updates)
+    # ρ_t = 0 means e = x exactly, even for a non-finite g (no 0·inf); computed in
+    # the accumulation dtype, returned in each leaf's own dtype.
+    delta = jax.tree.map(
+        lambda d, g: jnp.where(rho_t > 0, d, 0.0).astype(g.dtype), delta, updates
+    )
 
     new_state = UnifiedPerturbationState(
         count=optax.safe_increment(state.count),

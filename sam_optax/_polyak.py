@@ -46,8 +46,14 @@ def polyak_step_size(
     \gamma_t = \min(\max(r, 0), \gamma_b), \qquad
     u = -\gamma_t (\nabla f(e) + \mathrm{wd}\cdot x).
 
-  A NaN ratio gives γ_t = 0. Weight decay is not part of the ratio; it enters
-  only the update, at x. Without ``perturbation`` the inner product is 0 and
+  A NaN ratio gives γ_t = 0, and γ_t = 0 leaves x exactly where it is (the
+  update is selected to 0, so an inf or NaN in ∇f(e) cannot leak through
+  0·inf). The norms and the inner product are computed overflow-safe: the ratio
+  is finite wherever its true value is representable. Injected or scheduled
+  values are clipped at run time: γ_b ← max(γ_b, 0) (so γ_t ∈ [0, max(γ_b, 0)],
+  never an ascent), weight decay ← max(wd, 0), eps ← max(eps, tiny); NaN counts
+  as 0. A schedule must return a real scalar. Weight decay is not part of the
+  ratio; it enters only the update, at x. Without ``perturbation`` the inner product is 0 and
   this is the classical SPS_max step of Loizou et al. (2021). γ_t of the last
   step is kept in ``state.step_size``. Reductions run in at least float32.
 
@@ -106,20 +112,29 @@ def polyak_step_size(
     if not no_decay and params is None:
       raise ValueError("polyak_step_size(weight_decay=...) needs `params`.")
     dtype = _common.accumulation_dtype(updates)
-    numerator = jnp.asarray(value, dtype) - jnp.asarray(_common.resolve(f_star, state.count), dtype)
-    if perturbation is not None:
-      numerator = numerator - _common.tree_vdot(updates, perturbation, dtype)
-    denominator = jnp.maximum(_common.tree_sum_of_squares(updates, dtype), eps)
-    ratio = numerator / denominator
-    cap = jnp.asarray(_common.resolve(gamma_b, state.count), dtype)
+    eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
+    f_star_t = _common.resolve_scalar("f_star", f_star, state.count, dtype)
+    loss_gap = jnp.asarray(value, dtype) - f_star_t
+    # Overflow-safe: finite wherever the true ratio is representable.
+    ratio = _common.polyak_ratio(loss_gap, updates, perturbation, eps_t, dtype)
+    # Injected/scheduled values are clipped: γ_b ← max(γ_b, 0), so γ_t ∈ [0, max(γ_b, 0)].
+    cap = _common.clip_traced(_common.resolve_scalar("gamma_b", gamma_b, state.count, dtype), 0.0)
     gamma = jnp.where(jnp.isnan(ratio), 0.0, jnp.clip(ratio, 0.0, cap)).astype(dtype)
+    # γ_t = 0 means "do not move", even where ∇f(e) is inf or NaN: select, never 0·inf.
+    move = gamma > 0
 
     if no_decay:
-      new_updates = jax.tree.map(lambda g: (-gamma * g.astype(dtype)).astype(g.dtype), updates)
-    else:
-      wd = jnp.asarray(_common.resolve(weight_decay, state.count), dtype)
       new_updates = jax.tree.map(
-          lambda g, x: (-gamma * (g.astype(dtype) + wd * x.astype(dtype))).astype(g.dtype),
+          lambda g: jnp.where(move, -gamma * g.astype(dtype), 0.0).astype(g.dtype), updates
+      )
+    else:
+      wd = _common.clip_traced(
+          _common.resolve_scalar("weight_decay", weight_decay, state.count, dtype), 0.0
+      )
+      new_updates = jax.tree.map(
+          lambda g, x: jnp.where(
+              move, -gamma * (g.astype(dtype) + wd * x.astype(dtype)), 0.0
+          ).astype(g.dtype),
           updates,
           params,
       )

@@ -213,7 +213,8 @@ def sam_step(
       loss, aux = _split_loss(loss_fn(p, b, *args), has_aux)
       if loss_scale is None:
         return loss, (loss, aux)
-      return loss.astype(jnp.float32) * loss_scale, (loss, aux)
+      # In at least float32: a float64 loss keeps float64 (the scale is a power of two).
+      return loss.astype(jnp.promote_types(loss.dtype, jnp.float32)) * loss_scale, (loss, aux)
 
     value_and_grad = _over_microbatches(
         jax.value_and_grad(scaled_loss, has_aux=True), microbatches

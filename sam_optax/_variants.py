@@ -49,16 +49,15 @@ def _orthogonal_part(v: Any, u: Any) -> tuple[Any, jax.Array]:
   r"""The component of `v` orthogonal to `u`, :math:`v - (\langle v,u\rangle/\|u\|^2)\,u`.
 
   Returned in `v`'s leaf dtypes (computed in at least float32) with its global
-  norm. A zero `u` has no direction to remove: the result is `v`.
+  norm. A zero `u` has no direction to remove: the result is `v`. The
+  coefficient and the norm are overflow-safe (finite for 1e20 float32 inputs).
   """
   dtype = _common.accumulation_dtype(v)
-  uu = _common.tree_sum_of_squares(u, dtype)
-  nonzero = uu > 0
-  coef = jnp.where(nonzero, _common.tree_vdot(v, u, dtype) / jnp.where(nonzero, uu, 1.0), 0.0)
+  coef = _common.tree_projection(v, u, dtype)
   out = jax.tree.map(
       lambda a, b: (a.astype(dtype) - coef * b.astype(dtype)).astype(a.dtype), v, u
   )
-  return out, jnp.sqrt(_common.tree_sum_of_squares(out, dtype))
+  return out, _common.tree_norm(out, dtype)
 
 
 def _is_traced_int(value: Any) -> bool:
@@ -138,10 +137,12 @@ def _every_k(
       # LookSAM's weight α‖g‖/‖g_v‖, computed outside the cond, where XLA merges
       # ‖g‖ with the perturbation's own.
       dtype = _common.accumulation_dtype(updates)
-      grad_norm = jnp.sqrt(_common.tree_sum_of_squares(updates, dtype))
+      grad_norm = _common.tree_norm(updates, dtype)
       v_norm = state.orthogonal_norm.astype(dtype)
       positive = v_norm > 0
-      coef = jnp.where(positive, alpha * grad_norm / jnp.where(positive, v_norm, 1.0), 0.0)
+      # α ← max(α, 0) if injected; the ratio first, so α‖g‖ cannot overflow.
+      alpha_t = _common.clip_traced(jnp.asarray(alpha, dtype), 0.0)
+      coef = jnp.where(positive, alpha_t * (grad_norm / jnp.where(positive, v_norm, 1.0)), 0.0)
 
     def perturbed_pass(e):
       value, grads = value_and_grad_fn(e)
@@ -270,7 +271,8 @@ def looksam(
   Args:
     optimizer: a two-pass optimizer, as for :func:`interval_sam`.
     every: k ≥ 1, the number of steps per SAM step (the paper's k).
-    alpha: α ≥ 0, the weight of the reused direction.
+    alpha: α ≥ 0, the weight of the reused direction (a traced value is
+      clipped to ≥ 0; NaN counts as 0).
 
   Returns:
     A two-pass transformation with state :class:`IntervalSAMState`.
@@ -303,7 +305,8 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
   Args:
     optimizer: a two-pass optimizer (:func:`unified_sam`, :func:`sam_sps`,
       :func:`sharpness_aware`).
-    alpha: α ≥ 0; may be traced (``optax.inject_hyperparams``).
+    alpha: α ≥ 0; may be traced (``optax.inject_hyperparams``), where a
+      negative or NaN value is clipped to 0.
 
   Returns:
     A two-pass transformation; its state is the wrapped optimizer's, unchanged.
@@ -341,8 +344,9 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
       value, perturbed_grads = value_and_grad_fn(p)
       clean_orthogonal, _ = _orthogonal_part(updates, perturbed_grads)
       dtype = _common.accumulation_dtype(perturbed_grads)
+      alpha_t = _common.clip_traced(jnp.asarray(alpha, dtype), 0.0)  # α ← max(α, 0) if injected
       grads = jax.tree.map(
-          lambda gs, go: (gs.astype(dtype) - alpha * go.astype(dtype)).astype(gs.dtype),
+          lambda gs, go: (gs.astype(dtype) - alpha_t * go.astype(dtype)).astype(gs.dtype),
           perturbed_grads,
           clean_orthogonal,
       )
@@ -397,8 +401,7 @@ def gsam_rho_schedule(
     raise ValueError(f"`rho_min` must be <= `rho_max`, got {rho_min!r} > {rho_max!r}.")
   if not lr_min <= lr_max:
     raise ValueError(f"`lr_min` must be <= `lr_max`, got {lr_min!r} > {lr_max!r}.")
-  if not (callable(learning_rate) or _common.is_concrete_number(learning_rate)):
-    raise ValueError(f"`learning_rate` must be a number or an optax schedule, got {learning_rate!r}.")
+  _common.check_scalar_hyperparam("learning_rate", learning_rate, low=0.0)
   if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
     raise ValueError(f"`every_k` must be a positive int, got {every_k!r}.")
   span = lr_max - lr_min
