@@ -16,7 +16,7 @@ DIM, N, STEPS = 3, 8, 2
 _RNG = np.random.default_rng(11)
 X0 = {"w": np.array([0.5, -0.3, 0.8]), "b": np.array(0.2)}
 BATCHES = [
-    {"x": _RNG.normal(size=(N, DIM)), "y": _RNG.normal(size=(N,)) + 1.0} for _ in range(STEPS)
+  {"x": _RNG.normal(size=(N, DIM)), "y": _RNG.normal(size=(N,)) + 1.0} for _ in range(STEPS)
 ]
 NAN_BATCH = {"x": BATCHES[0]["x"], "y": np.where(np.arange(N) == 0, np.nan, BATCHES[0]["y"])}
 
@@ -150,11 +150,11 @@ class Polyak:
 
 
 LAMBDAS = {
-    "0": lambda t: 0.0,
-    "0.5": lambda t: 0.5,
-    "1": lambda t: 1.0,
-    "1/t": lambda t: 1.0 / t,
-    "1-1/t": lambda t: 1.0 - 1.0 / t,
+  "0": lambda t: 0.0,
+  "0.5": lambda t: 0.5,
+  "1": lambda t: 1.0,
+  "1/t": lambda t: 1.0 / t,
+  "1-1/t": lambda t: 1.0 - 1.0 / t,
 }
 
 
@@ -175,7 +175,10 @@ class Unified:
     delta = tmap(lambda gi: coef * gi, ga)
     fe, ge = vg(tmap(lambda xi, d: xi + d, x, delta))
     self.metrics = {
-        "grad_norm": tnorm(ga), "rho": self.rho, "lambda": lam, "perturbed_loss": fe,
+      "grad_norm": tnorm(ga),
+      "rho": self.rho,
+      "lambda": lam,
+      "perturbed_loss": fe,
     }
     return self.base.update(ge, x, value=fe, delta=delta)
 
@@ -274,17 +277,17 @@ def ref_run(ref, batches=BATCHES, x0=X0, before_step=None):
 # --- the optimizers: rows (public optimizers) and bases ----------------------------------
 
 ROWS = [
-    "unified_sam(lambd=0)",
-    "unified_sam(lambd=0.5)",
-    "unified_sam(lambd=1)",
-    "unified_sam(lambd='1/t')",
-    "unified_sam(lambd='1-1/t')",
-    "sam_sps",
-    "sharpness_aware",
-    "interval_sam",
-    "looksam",
-    "gsam",
-    "dynamic_loss_scale",
+  "unified_sam(lambd=0)",
+  "unified_sam(lambd=0.5)",
+  "unified_sam(lambd=1)",
+  "unified_sam(lambd='1/t')",
+  "unified_sam(lambd='1-1/t')",
+  "sam_sps",
+  "sharpness_aware",
+  "interval_sam",
+  "looksam",
+  "gsam",
+  "dynamic_loss_scale",
 ]
 NO_BASE = {"sam_sps"}  # its descent is the Polyak step: no base optimizer to put things in
 DLS_LAMBDA = "0.5"
@@ -296,22 +299,25 @@ def _lam(row):
 
 
 BASES = {
-    "sgd": (lambda: optax.sgd(LR, momentum=MU), lambda: Sgd(LR, MU)),
-    "multisteps": (
-        lambda: optax.MultiSteps(optax.sgd(LR, momentum=MU), EVERY).gradient_transformation(),
-        lambda: MultiSteps(Sgd(LR, MU), EVERY),
+  "sgd": (lambda: optax.sgd(LR, momentum=MU), lambda: Sgd(LR, MU)),
+  "multisteps": (
+    lambda: optax.MultiSteps(optax.sgd(LR, momentum=MU), EVERY).gradient_transformation(),
+    lambda: MultiSteps(Sgd(LR, MU), EVERY),
+  ),
+  "masked": (
+    lambda: optax.masked(optax.sgd(LR, momentum=MU), MASK),
+    lambda: masked(Sgd(LR, MU), MASK),
+  ),
+  "multi_transform": (
+    lambda: optax.multi_transform(
+      {"sam": optax.sgd(LR, momentum=MU), "other": optax.sgd(LR2)}, LABELS
     ),
-    "masked": (lambda: optax.masked(optax.sgd(LR, momentum=MU), MASK), lambda: masked(Sgd(LR, MU), MASK)),
-    "multi_transform": (
-        lambda: optax.multi_transform(
-            {"sam": optax.sgd(LR, momentum=MU), "other": optax.sgd(LR2)}, LABELS
-        ),
-        lambda: Partition({"sam": Sgd(LR, MU), "other": Sgd(LR2)}, LABELS),
-    ),
-    "schedule_free_sgd": (
-        lambda: optax.contrib.schedule_free_sgd(LR, b1=SF_B1),
-        lambda: ScheduleFree(Sgd(LR), LR, SF_B1),
-    ),
+    lambda: Partition({"sam": Sgd(LR, MU), "other": Sgd(LR2)}, LABELS),
+  ),
+  "schedule_free_sgd": (
+    lambda: optax.contrib.schedule_free_sgd(LR, b1=SF_B1),
+    lambda: ScheduleFree(Sgd(LR), LR, SF_B1),
+  ),
 }
 
 
@@ -323,9 +329,7 @@ def make_opt(row, base="sgd", inject=False):
   if row.startswith("unified_sam"):
     return unified(tx, rho=RHO, lambd=_lam(row)[1])
   if row == "sam_sps":
-    return inj(sam_optax.sam_sps)(
-        rho=RHO, lambd=1.0, f_star=0.0, gamma_b=GAMMA_B, weight_decay=WD
-    )
+    return inj(sam_optax.sam_sps)(rho=RHO, lambd=1.0, f_star=0.0, gamma_b=GAMMA_B, weight_decay=WD)
   if row == "sharpness_aware":
     pert = inj(sam_optax.unified_perturbation)(rho=RHO, lambd=1.0)
     return sam_optax.sharpness_aware(optax.chain(optax.clip_by_global_norm(ASCENT_CLIP), pert), tx)
@@ -337,7 +341,7 @@ def make_opt(row, base="sgd", inject=False):
     return inj(sam_optax.gsam)(unified(tx, rho=RHO, lambd=1.0), alpha=GSAM_ALPHA)
   if row == "dynamic_loss_scale":
     return inj(sam_optax.dynamic_loss_scale)(
-        unified(tx, rho=RHO, lambd=float(DLS_LAMBDA)), init_scale=LOSS_SCALE
+      unified(tx, rho=RHO, lambd=float(DLS_LAMBDA)), init_scale=LOSS_SCALE
     )
   raise KeyError(row)
 

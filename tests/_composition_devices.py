@@ -11,21 +11,39 @@ import json
 # name -> (row, column, mode, microbatches)
 CASES = {}
 for _row in [
-    "unified_sam(lambd=0)", "unified_sam(lambd=0.5)", "unified_sam(lambd=1)",
-    "unified_sam(lambd='1/t')", "unified_sam(lambd='1-1/t')", "sam_sps", "sharpness_aware",
-    "interval_sam", "looksam", "gsam", "dynamic_loss_scale",
+  "unified_sam(lambd=0)",
+  "unified_sam(lambd=0.5)",
+  "unified_sam(lambd=1)",
+  "unified_sam(lambd='1/t')",
+  "unified_sam(lambd='1-1/t')",
+  "sam_sps",
+  "sharpness_aware",
+  "interval_sam",
+  "looksam",
+  "gsam",
+  "dynamic_loss_scale",
 ]:
   for _mode in ("pmap", "jit"):
     CASES[f"{_row}-plain-{_mode}"] = (_row, "plain", _mode, None)
 for _row in ["unified_sam(lambd=1)", "sam_sps", "looksam", "gsam", "dynamic_loss_scale"]:
   CASES[f"{_row}-plain-pmap-microbatches"] = (_row, "plain", "pmap", 2)
-CASES["unified_sam(lambd=0.5)-plain-jit-microbatches"] = ("unified_sam(lambd=0.5)", "plain",
-                                                          "jit", 2)
-for _col in ["masked_around", "multi_transform_around", "inject", "apply_if_finite",
-             "dynamic_loss_scale", "schedule_free_around", "multisteps_inside"]:
+CASES["unified_sam(lambd=0.5)-plain-jit-microbatches"] = (
+  "unified_sam(lambd=0.5)",
+  "plain",
+  "jit",
+  2,
+)
+for _col in [
+  "masked_around",
+  "multi_transform_around",
+  "inject",
+  "apply_if_finite",
+  "dynamic_loss_scale",
+  "schedule_free_around",
+  "multisteps_inside",
+]:
   for _mode in ("pmap", "jit"):
-    CASES[f"unified_sam(lambd=0.5)-{_col}-{_mode}"] = ("unified_sam(lambd=0.5)", _col, _mode,
-                                                       None)
+    CASES[f"unified_sam(lambd=0.5)-{_col}-{_mode}"] = ("unified_sam(lambd=0.5)", _col, _mode, None)
 CASES["sgd-one_pass-pmap"] = ("sgd", "one_pass", "pmap", None)
 CASES["sgd-one_pass-jit-microbatches"] = ("sgd", "one_pass", "jit", 2)
 
@@ -34,19 +52,26 @@ def _worker():
   import jax
   import numpy as np
   import optax
+  import test_composition as tc
+  from _composition_common import BATCHES
+  from _composition_common import LR
+  from _composition_common import MU
+  from _composition_common import X0
+  from _composition_common import batch_as
+  from _composition_common import loss_fn
+  from _composition_common import to_dtype
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   import sam_optax
-  import test_composition as tc
-  from _composition_common import BATCHES, LR, MU, X0, batch_as, loss_fn, to_dtype
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
 
   def shards_identical(a):
     first = np.asarray(a.addressable_shards[0].data)
     return a.sharding.is_fully_replicated and all(
-        np.array_equal(np.asarray(s.data), first) for s in a.addressable_shards)
+      np.array_equal(np.asarray(s.data), first) for s in a.addressable_shards
+    )
 
   def make(row, col):
     if row == "sgd":
@@ -95,8 +120,9 @@ def _worker():
     state = opt.init(params)
     b = batch_as(BATCHES[0])
     if mode == "pmap":
-      step = jax.pmap(sam_optax.sam_step(loss_fn, opt, axis_name="d"), axis_name="d",
-                      donate_argnums=(0, 1))
+      step = jax.pmap(
+        sam_optax.sam_step(loss_fn, opt, axis_name="d"), axis_name="d", donate_argnums=(0, 1)
+      )
       params, state = sam_optax.replicate((params, state))
       b = sam_optax.shard_batch(b)
     else:
@@ -112,16 +138,19 @@ def _worker():
     return {"message": message, "fragment": fragment, "deleted": deleted}
 
   for row, col, mode in [
-      ("unified_sam(lambd=1)", "chain_before", "pmap"),
-      ("gsam", "chain_before", "jit"),
-      ("sam_sps", "multisteps_around", "pmap"),
-      ("looksam", "lookahead", "jit"),
+    ("unified_sam(lambd=1)", "chain_before", "pmap"),
+    ("gsam", "chain_before", "jit"),
+    ("sam_sps", "multisteps_around", "pmap"),
+    ("looksam", "lookahead", "jit"),
   ]:
     try:
       results["refusals"][f"{row}-{col}-{mode}"] = refusal(row, col, mode)
     except Exception as e:  # noqa: BLE001
       results["refusals"][f"{row}-{col}-{mode}"] = {
-          "message": None, "fragment": f"{type(e).__name__}: {e}"[:2000], "deleted": None}
+        "message": None,
+        "fragment": f"{type(e).__name__}: {e}"[:2000],
+        "deleted": None,
+      }
   return results
 
 

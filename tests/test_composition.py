@@ -14,28 +14,53 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _composition_common import BATCHES
+from _composition_common import EVERY
+from _composition_common import LABELS
+from _composition_common import LOSS_SCALE
+from _composition_common import LR
+from _composition_common import LR2
+from _composition_common import MASK
+from _composition_common import MU
+from _composition_common import NAN_BATCH
+from _composition_common import NO_BASE
+from _composition_common import RHO
+from _composition_common import RHO2
+from _composition_common import ROWS
+from _composition_common import SF_B1
+from _composition_common import SF_LR
+from _composition_common import UPDATE_CLIP
+from _composition_common import X0
+from _composition_common import After
+from _composition_common import Around
+from _composition_common import ScheduleFree
+from _composition_common import Sgd
+from _composition_common import aux_loss_fn
+from _composition_common import batch_as
+from _composition_common import loss_fn
+from _composition_common import make_opt
+from _composition_common import make_ref
+from _composition_common import ref_run
+from _composition_common import rho_refs
+from _composition_common import to_dtype
 
 import sam_optax
-from _composition_common import (
-    BATCHES, EVERY, LABELS, LOSS_SCALE, LR, LR2, MASK, MU, NAN_BATCH, NO_BASE, RHO, RHO2, ROWS,
-    SF_B1, SF_LR, UPDATE_CLIP, X0, After, Around, ScheduleFree, Sgd, aux_loss_fn, batch_as,
-    loss_fn, make_opt, make_ref, ref_run, rho_refs, to_dtype,
-)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F32_TOL = {"rtol": 2e-5, "atol": 2e-6}  # float32 vs the float64 reference after two steps
 INSIDE = "inside the base optimizer"
 ERRORS = {  # column -> (message fragment naming the alternative, raised at "init"/"step")
-    "chain_before": (INSIDE, "step"),
-    "multisteps_around": (r"sam_step\(\.\.\., microbatches=k\)", "step"),
-    "dls_nested": ("Wrap the optimizer once", "init"),
-    "lookahead": ("Use lookahead in your own loop", "step"),
+  "chain_before": (INSIDE, "step"),
+  "multisteps_around": (r"sam_step\(\.\.\., microbatches=k\)", "step"),
+  "dls_nested": ("Wrap the optimizer once", "init"),
+  "lookahead": ("Use lookahead in your own loop", "step"),
 }
 DLS_INSIDE_MASK = (r"dynamic_loss_scale\(optax\.masked", "step")
 
@@ -45,35 +70,48 @@ def cell(row, col):
   opt, ref = (lambda **kw: make_opt(row, **kw)), (lambda **kw: make_ref(row, **kw))
   if col in ERRORS:
     wrap = {
-        "chain_before": lambda: optax.chain(optax.clip_by_global_norm(1.0), opt()),
-        "multisteps_around": lambda: optax.MultiSteps(opt(), EVERY).gradient_transformation(),
-        "dls_nested": lambda: sam_optax.dynamic_loss_scale(sam_optax.dynamic_loss_scale(opt())),
-        "lookahead": lambda: optax.lookahead(opt(), 2, 0.5),
+      "chain_before": lambda: optax.chain(optax.clip_by_global_norm(1.0), opt()),
+      "multisteps_around": lambda: optax.MultiSteps(opt(), EVERY).gradient_transformation(),
+      "dls_nested": lambda: sam_optax.dynamic_loss_scale(sam_optax.dynamic_loss_scale(opt())),
+      "lookahead": lambda: optax.lookahead(opt(), 2, 0.5),
     }[col]
     return wrap, None, ERRORS[col]
   if col in ("multisteps_inside", "masked_inside", "multi_transform_inside", "sf_sgd_base"):
     if row in NO_BASE:
       return None
-    base = {"multisteps_inside": "multisteps", "masked_inside": "masked",
-            "multi_transform_inside": "multi_transform", "sf_sgd_base": "schedule_free_sgd"}[col]
+    base = {
+      "multisteps_inside": "multisteps",
+      "masked_inside": "masked",
+      "multi_transform_inside": "multi_transform",
+      "sf_sgd_base": "schedule_free_sgd",
+    }[col]
     return (lambda: opt(base=base)), (lambda: ref(base=base)), None
   if col == "plain":
     return opt, ref, None
   if col == "inject":
     return (lambda: opt(inject=True)), ref, None
   if col == "chain_after":
-    return (lambda: optax.chain(opt(), optax.clip_by_global_norm(UPDATE_CLIP))), (
-        lambda: After(ref())), None
+    return (
+      (lambda: optax.chain(opt(), optax.clip_by_global_norm(UPDATE_CLIP))),
+      (lambda: After(ref())),
+      None,
+    )
   if col in ("masked_around", "multi_transform_around"):
     if row == "dynamic_loss_scale":  # the passed-through leaves would get the scaled gradient
-      err = DLS_INSIDE_MASK if col == "masked_around" else (
-          r"dynamic_loss_scale\(optax\.multi_transform", "step")
+      err = (
+        DLS_INSIDE_MASK
+        if col == "masked_around"
+        else (r"dynamic_loss_scale\(optax\.multi_transform", "step")
+      )
     else:
       err = None
     if col == "masked_around":
       return (lambda: optax.masked(opt(), MASK)), (lambda: Around(ref())), err
-    return (lambda: optax.multi_transform({"sam": opt(), "other": optax.sgd(LR2)}, LABELS)), (
-        lambda: Around(ref(), other=Sgd(LR2))), err
+    return (
+      (lambda: optax.multi_transform({"sam": opt(), "other": optax.sgd(LR2)}, LABELS)),
+      (lambda: Around(ref(), other=Sgd(LR2))),
+      err,
+    )
   if col == "apply_if_finite":
     return (lambda: optax.apply_if_finite(opt(), 3)), ref, None
   if col == "dynamic_loss_scale":
@@ -81,16 +119,31 @@ def cell(row, col):
       return (lambda: sam_optax.dynamic_loss_scale(opt())), None, ERRORS["dls_nested"]
     return (lambda: sam_optax.dynamic_loss_scale(opt(), init_scale=LOSS_SCALE)), ref, None
   if col == "schedule_free_around":
-    return (lambda: optax.contrib.schedule_free(opt(), SF_LR, SF_B1)), (
-        lambda: ScheduleFree(ref(), SF_LR, SF_B1)), None
+    return (
+      (lambda: optax.contrib.schedule_free(opt(), SF_LR, SF_B1)),
+      (lambda: ScheduleFree(ref(), SF_LR, SF_B1)),
+      None,
+    )
   raise KeyError(col)
 
 
 COLUMNS = [
-    "plain", "chain_after", "chain_before", "inject", "multisteps_around", "multisteps_inside",
-    "masked_around", "multi_transform_around", "masked_inside", "multi_transform_inside",
-    "apply_if_finite", "dynamic_loss_scale", "dls_nested", "lookahead", "schedule_free_around",
-    "sf_sgd_base",
+  "plain",
+  "chain_after",
+  "chain_before",
+  "inject",
+  "multisteps_around",
+  "multisteps_inside",
+  "masked_around",
+  "multi_transform_around",
+  "masked_inside",
+  "multi_transform_inside",
+  "apply_if_finite",
+  "dynamic_loss_scale",
+  "dls_nested",
+  "lookahead",
+  "schedule_free_around",
+  "sf_sgd_base",
 ]
 CELLS = [(r, c) for r in ROWS for c in COLUMNS if cell(r, c) is not None]
 EXACT = [(r, c) for r, c in CELLS if cell(r, c)[2] is None]
@@ -141,8 +194,8 @@ def assert_close_to_ref(outs, refs, tol=F32_TOL):
 def _xfail_grad_norm(row):
   if row == "sharpness_aware":
     return pytest.mark.xfail(
-        strict=True,
-        reason="grad_norm reports the ascent chain's clipped ‖clip(g)‖, not ‖g‖ (contract §4)",
+      strict=True,
+      reason="grad_norm reports the ascent chain's clipped ‖clip(g)‖, not ‖g‖ (contract §4)",
     )
   return ()
 
@@ -184,16 +237,16 @@ def assert_refused(opt_fn, match, when, step_kw=None):
 def test_every_row_meets_every_column():
   for row in ROWS:
     assert {c for r, c in CELLS if r == row} == set(COLUMNS) - (
-        {"multisteps_inside", "masked_inside", "multi_transform_inside", "sf_sgd_base"}
-        if row in NO_BASE else set())
+      {"multisteps_inside", "masked_inside", "multi_transform_inside", "sf_sgd_base"}
+      if row in NO_BASE
+      else set()
+    )
 
 
 _METRIC_KEYS = {"loss", "grad_norm", "perturbed_loss", "sharpness", "lambda", "rho", "finite"}
 
 
-@pytest.mark.parametrize(
-    "row", [pytest.param(r, marks=_xfail_grad_norm(r)) for r in ROWS]
-)
+@pytest.mark.parametrize("row", [pytest.param(r, marks=_xfail_grad_norm(r)) for r in ROWS])
 def test_plain_metrics_equal_the_reference(row):
   opt = make_opt(row)
   ref = make_ref(row)
@@ -206,8 +259,10 @@ def test_plain_metrics_equal_the_reference(row):
     m = {k: float(v) for k, v in out[2].items()}
     assert set(m) == _METRIC_KEYS | extra.get(row, set())
     np.testing.assert_allclose(
-        [m["loss"], m["perturbed_loss"], m["lambda"], m["rho"]],
-        [loss, m_ref["perturbed_loss"], m_ref["lambda"], m_ref["rho"]], rtol=1e-5)
+      [m["loss"], m["perturbed_loss"], m["lambda"], m["rho"]],
+      [loss, m_ref["perturbed_loss"], m_ref["lambda"], m_ref["rho"]],
+      rtol=1e-5,
+    )
     np.testing.assert_allclose(m["sharpness"], m["perturbed_loss"] - m["loss"], rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], gnorm, rtol=1e-5)  # ‖g‖ of the clean gradient
   if row == "sam_sps":
@@ -238,7 +293,13 @@ def test_non_finite_clean_gradient_skips_the_whole_step(row):
   new_params, new_state, metrics = step(params, state, batch_as(NAN_BATCH))
   assert not bool(metrics["finite"])
   _assert_same(new_params, params)
-  _assert_same(new_state, state)
+  if row != "dynamic_loss_scale":
+    _assert_same(new_state, state)
+    return
+  # dynamic_loss_scale handles the overflow itself: inner state kept, the scale backs off
+  _assert_same(new_state.inner, state.inner)
+  assert float(new_state.scale) == float(state.scale) / 2 and bool(new_state.skipped)
+  assert bool(metrics["skipped"]) and int(new_state.good_steps) == 0
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -274,7 +335,8 @@ def test_inject_hyperparams_tree_get_and_tree_set(row):
   """tree_get(state, "rho") finds the injected ρ; tree_set changes the next step."""
   opt = make_opt(row, inject=True)
   assert float(optax.tree_utils.tree_get(opt.init(to_dtype(X0, jnp.float32)), "rho")) == (
-      pytest.approx(RHO))
+    pytest.approx(RHO)
+  )
 
   def between(i, state):
     if i == 1:
@@ -312,12 +374,12 @@ def test_chain_before_is_refused_through_every_transparent_wrapper():
   clip = optax.clip_by_global_norm(1e-3)
   sam = lambda: make_opt("unified_sam(lambd=1)")  # noqa: E731
   for wrapped in (
-      lambda: sam_optax.dynamic_loss_scale(sam()),
-      lambda: optax.inject_hyperparams(sam_optax.gsam)(sam()),
-      lambda: optax.apply_if_finite(sam(), 3),
-      lambda: optax.masked(sam(), MASK),
-      lambda: optax.contrib.schedule_free(sam(), SF_LR, SF_B1),
-      lambda: sam_optax.looksam(sam(), EVERY),
+    lambda: sam_optax.dynamic_loss_scale(sam()),
+    lambda: optax.inject_hyperparams(sam_optax.gsam)(sam()),
+    lambda: optax.apply_if_finite(sam(), 3),
+    lambda: optax.masked(sam(), MASK),
+    lambda: optax.contrib.schedule_free(sam(), SF_LR, SF_B1),
+    lambda: sam_optax.looksam(sam(), EVERY),
   ):
     assert_refused(lambda w=wrapped: optax.chain(clip, w()), INSIDE, "step")
 
@@ -351,8 +413,17 @@ def test_one_pass_refusals():
 
 # --- microbatches=k: the full-batch step to float32 round-off ----------------------------
 
-MB_COLS = ["inject", "chain_after", "masked_around", "multi_transform_around", "apply_if_finite",
-           "dynamic_loss_scale", "multisteps_inside", "schedule_free_around", "sf_sgd_base"]
+MB_COLS = [
+  "inject",
+  "chain_after",
+  "masked_around",
+  "multi_transform_around",
+  "apply_if_finite",
+  "dynamic_loss_scale",
+  "multisteps_inside",
+  "schedule_free_around",
+  "sf_sgd_base",
+]
 MB_CASES = [(r, "plain") for r in ROWS] + [("unified_sam(lambd=0.5)", c) for c in MB_COLS]
 
 
@@ -363,11 +434,13 @@ def test_microbatches_equal_the_full_batch_step(row, col):
   opt = opt_fn()
   full = run_steps(eager((row, col, "aux"), opt, loss=aux_loss_fn, has_aux=True), opt)
   micro = run_steps(
-      compiled((row, col, "aux", 4), opt, loss=aux_loss_fn, has_aux=True, microbatches=4), opt)
+    compiled((row, col, "aux", 4), opt, loss=aux_loss_fn, has_aux=True, microbatches=4), opt
+  )
   for f, m in zip(full, micro, strict=True):
     for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(m), strict=True):
-      np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=1e-5, atol=1e-6
+      )
   assert_close_to_ref(micro, ref_run(ref_fn()))
   for m, b in zip(micro, BATCHES, strict=True):
     np.testing.assert_allclose(float(m[3]["y_mean"]), np.mean(b["y"]), rtol=1e-6)
@@ -375,8 +448,14 @@ def test_microbatches_equal_the_full_batch_step(row, col):
 
 # --- dtypes ------------------------------------------------------------------------------
 
-DTYPE_ROWS = ["unified_sam(lambd=1)", "unified_sam(lambd='1-1/t')", "sam_sps", "looksam", "gsam",
-              "dynamic_loss_scale"]
+DTYPE_ROWS = [
+  "unified_sam(lambd=1)",
+  "unified_sam(lambd='1-1/t')",
+  "sam_sps",
+  "looksam",
+  "gsam",
+  "dynamic_loss_scale",
+]
 LOW_TOL = {"bfloat16": 4e-2, "float16": 5e-3}
 
 
@@ -440,21 +519,33 @@ def _start_devices_worker():
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+  # Files, not pipes: a full pipe would block the worker while the other tests run.
+  _PROC["files"] = [tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")]
   _PROC["p"] = subprocess.Popen(
-      [sys.executable, str(ROOT / "tests" / "_composition_devices.py")], env=env, cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [sys.executable, str(ROOT / "tests" / "_composition_devices.py")],
+    env=env,
+    cwd=ROOT,
+    stdout=_PROC["files"][0],
+    stderr=_PROC["files"][1],
+    text=True,
+  )
   yield
   if _PROC["p"].poll() is None:
     _PROC["p"].kill()
-    _PROC["p"].communicate()
+    _PROC["p"].wait()
+  for f in _PROC["files"]:
+    f.close()
 
 
 @pytest.fixture(scope="module")
 def devices():
   if "out" not in _PROC:
-    out, err = _PROC["p"].communicate(timeout=300)
-    assert _PROC["p"].returncode == 0, err[-4000:]
-    _PROC["out"] = json.loads(out.strip().splitlines()[-1])
+    _PROC["p"].wait(timeout=600)
+    out, err = _PROC["files"]
+    out.seek(0)
+    err.seek(0)
+    assert _PROC["p"].returncode == 0, err.read()[-4000:]
+    _PROC["out"] = json.loads(out.read().strip().splitlines()[-1])
   return _PROC["out"]
 
 
