@@ -301,7 +301,9 @@ def _lam(row):
 BASES = {
   "sgd": (lambda: optax.sgd(LR, momentum=MU), lambda: Sgd(LR, MU)),
   "multisteps": (
-    lambda: optax.MultiSteps(optax.sgd(LR, momentum=MU), EVERY).gradient_transformation(),
+    lambda: optax.MultiSteps(  # accumulate in the parameters' dtype (optax's default: float32)
+      optax.sgd(LR, momentum=MU), EVERY, accumulator_dtype=None
+    ).gradient_transformation(),
     lambda: MultiSteps(Sgd(LR, MU), EVERY),
   ),
   "masked": (
