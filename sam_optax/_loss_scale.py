@@ -146,6 +146,9 @@ def dynamic_loss_scale(
 
       extra_args["value_and_grad_fn"] = unscaled_value_and_grad
     if sam_context is not None:
+      # A transform before this wrapper (chain(T, dynamic_loss_scale(sam))) would shape the
+      # scaled gradient of the ascent only: refused, as for the SAM optimizer itself.
+      _protocol.check_clean_gradient(updates, sam_context)
       # The unscaled gradient is the clean gradient the wrapped optimizer must see.
       extra_args["sam_context"] = sam_context._replace(clean_grads=grads)
     new_updates, new_inner = optimizer.update(grads, state.inner, params, **extra_args)

@@ -125,6 +125,14 @@ def check_wrappers(opt_state: Any) -> None:
           "algorithm in which each micro-batch is perturbed by its own gradient, put "
           "MultiSteps inside the base optimizer: unified_sam(optax.MultiSteps(base, k), ...)."
       )
+    if isinstance(node, (optax.MaskedState, optax.PartitionState)) and any(
+        callable(getattr(type(n), "sam_loss_scale", None)) for n in nodes(node)
+    ):
+      raise ValueError(
+          "dynamic_loss_scale inside optax.masked / optax.multi_transform: the leaves outside "
+          "it would receive the loss-scaled gradient. Wrap it around instead: "
+          "dynamic_loss_scale(optax.masked(...)) or dynamic_loss_scale(optax.multi_transform(...))."
+      )
     if isinstance(node, optax.LookaheadState):
       raise ValueError(
           "sam_step cannot drive optax.lookahead: its update takes LookaheadParams and "

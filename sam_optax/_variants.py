@@ -146,6 +146,8 @@ def _every_k(
 
     def perturbed_pass(e):
       value, grads = value_and_grad_fn(e)
+      # In the state's dtype, as the other branch's: a float16 loss would not match it.
+      value = jnp.asarray(value, last_perturbed_loss.dtype)
       if not reuse:
         return value, grads, state.orthogonal, state.orthogonal_norm
       orthogonal, norm = _orthogonal_part(grads, updates)
