@@ -344,7 +344,12 @@ def _over_microbatches(value_and_grad: Callable[..., Any], k: int | None) -> Cal
     return value_and_grad
 
   def mean_value_and_grad(p, batch):
-    parts = _parallel.split_leading_axis(batch, k, what=f"microbatches={k}")
+    # Micro-batch i holds examples i, i + k, i + 2k, ...: the split keeps the leading
+    # axis's sharding over a mesh (the mean is the same for any split into equal parts).
+    _parallel.check_batch_divisible(batch, k, what=f"microbatches={k}")
+    parts = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape((-1, k) + tuple(x.shape[1:])), 1, 0), batch
+    )
     shapes = jax.eval_shape(value_and_grad, p, jax.tree.map(lambda x: x[0], parts))
     acc_dtype = lambda s: jnp.promote_types(s.dtype, jnp.float32)  # noqa: E731
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s)), shapes)
@@ -443,9 +448,10 @@ def _metrics(
     perturbed_loss = reported["perturbed_loss"].astype(dtype)
     finite = finite & jnp.isfinite(perturbed_loss)
     metrics.update(perturbed_loss=perturbed_loss, sharpness=perturbed_loss - loss)
-  if "grad_norm" not in reported:  # a one-pass optimizer: the step measures ‖g‖ itself
-    grad_norm = jnp.sqrt(_common.tree_sum_of_squares(grads, dtype))
-    metrics["grad_norm"] = grad_norm if loss_scale is None else grad_norm / loss_scale
+  # ‖g‖ of the clean gradient the step computed, whatever the optimizer does with it (an
+  # ascent clip, a masked subset); XLA merges it with the perturbation's own reduction.
+  grad_norm = _common.tree_norm(grads, dtype)
+  metrics["grad_norm"] = grad_norm if loss_scale is None else grad_norm / loss_scale
   metrics.update({k: v for k, v in reported.items() if k not in metrics})
   metrics["finite"] = finite
   return metrics

@@ -191,13 +191,6 @@ def assert_close_to_ref(outs, refs, tol=F32_TOL):
       np.testing.assert_allclose(got[k], x_ref[k], err_msg=f"step {i + 1}, leaf {k}", **tol)
 
 
-def _xfail_grad_norm(row):
-  if row == "sharpness_aware":
-    return pytest.mark.xfail(
-      strict=True,
-      reason="grad_norm reports the ascent chain's clipped ‖clip(g)‖, not ‖g‖ (contract §4)",
-    )
-  return ()
 
 
 # --- the float32 product: optimizers × wrappers ------------------------------------------
@@ -246,7 +239,7 @@ def test_every_row_meets_every_column():
 _METRIC_KEYS = {"loss", "grad_norm", "perturbed_loss", "sharpness", "lambda", "rho", "finite"}
 
 
-@pytest.mark.parametrize("row", [pytest.param(r, marks=_xfail_grad_norm(r)) for r in ROWS])
+@pytest.mark.parametrize("row", ROWS)
 def test_plain_metrics_equal_the_reference(row):
   opt = make_opt(row)
   ref = make_ref(row)
@@ -563,14 +556,7 @@ def _device_cases():
 
 
 def _device_marks(name):
-  if name.endswith("-jit-microbatches"):
-    return pytest.mark.xfail(
-      strict=True,
-      reason="sam_step(microbatches=k) under jit with the batch sharded over an Explicit mesh "
-      "axis (jax.make_mesh's default) fails in split_leading_axis's reshape: ShardingTypeError "
-      "'This reshape is not supported. Please specify the sharding of the output via the "
-      "`out_sharding` argument'",
-    )
+  del name
   return ()
 
 
