@@ -153,6 +153,34 @@ def _hvp_fn(f: Callable[..., jax.Array], params: Any, args: tuple) -> Callable[[
   return hvp
 
 
+def _split_groups(x: jax.Array, groups: int) -> jax.Array:
+  """[B, ...] -> [groups, B / groups, ...], keeping an Explicit mesh sharding of the batch
+  axis on the examples of each group when they divide evenly over its devices; otherwise
+  the batch is gathered first (an Explicit reshape must be told its output sharding, and
+  vmap cannot map over an Explicit-sharded axis)."""
+  shape = (groups, jnp.shape(x)[0] // groups) + tuple(jnp.shape(x)[1:])
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  mesh = getattr(sharding, "mesh", None)
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  lead = spec[0] if spec else None
+  if lead is None or mesh is None or not getattr(mesh, "axis_names", ()):
+    return jnp.reshape(x, shape)
+  names = lead if isinstance(lead, tuple) else (lead,)
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  if not all(types.get(n) == explicit for n in names):  # Auto / Manual: XLA decides
+    return jnp.reshape(x, shape)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  devices = int(np.prod([sizes[n] for n in names]))
+  rest = spec[1:] + (None,) * (len(jnp.shape(x)) - len(spec))
+  if shape[1] % devices == 0:
+    out = jax.sharding.PartitionSpec(None, lead, *rest)
+  else:
+    x = jax.sharding.reshard(x, jax.sharding.PartitionSpec(None, *rest))
+    return jnp.reshape(x, shape)
+  return jnp.reshape(x, shape, out_sharding=out)
+
+
 # ---------------------------------------------------------------------------------------
 # The diagnostics.
 
@@ -453,6 +481,6 @@ def worst_case_sharpness(
     check_batch_divisible(batch, groups, what=f"`groups` = {groups}")
   except ValueError as e:
     raise ValueError(f"`groups`: {e}") from None
-  split = jax.tree.map(lambda x: x.reshape((groups, -1) + tuple(jnp.shape(x)[1:])), batch)
+  split = jax.tree.map(lambda x: _split_groups(x, groups), batch)
   per_group = jax.vmap(one_group, in_axes=(0,) + (None,) * len(rest))(split, *rest)
   return jnp.mean(per_group)
