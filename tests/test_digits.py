@@ -11,18 +11,32 @@ import optax
 import pytest
 
 from examples.digits import train
+from sam_optax import sharpness
 
 SMALL = train.Config(epochs=2, batch_size=32, train_examples=256)  # 8 steps per epoch
+MEASURED = {}  # optimizer -> (params, batch_stats) that measure_sharpness was given
 
 
 @pytest.fixture(scope="module")
 def results():
-  return {r["optimizer"]: r for r in train.run(SMALL, progress=False)}
+  real = train.measure_sharpness
+
+  def recording(params, batch_stats, data, cfg):
+    out = real(params, batch_stats, data, cfg)
+    MEASURED[len(MEASURED)] = (jax.tree.map(np.asarray, (params, batch_stats)), data, out)
+    return out
+
+  train.measure_sharpness = recording
+  try:
+    rows = train.run(SMALL, progress=False)
+  finally:
+    train.measure_sharpness = real
+  return {r["optimizer"]: r for r in rows}
 
 
 def _numbers(result):
-  """Everything in a result that must repeat exactly (all but the timing)."""
-  return {k: v for k, v in result.items() if k != "ms_per_step"}
+  """Everything in a result that must repeat exactly (all but the timings)."""
+  return {k: v for k, v in result.items() if k not in ("ms_per_step", "sharpness_seconds")}
 
 
 def test_every_optimizer_learns(results):
@@ -36,6 +50,42 @@ def test_every_optimizer_learns(results):
     assert r["train_loss"] == last["train_loss"]
     assert r["test_accuracy"] == last["test_accuracy"]
     assert r["ms_per_step"] > 0
+    assert r["seed"] == SMALL.seed
+    assert 0.0 < r["top_hessian_eigenvalue"] < 1e3, name
+    assert 0.0 < r["worst_case_sharpness"] < 1.0, name
+    assert r["sharpness_seconds"] > 0
+
+
+def test_sharpness_is_measured_on_the_final_parameters(results):
+  # measure_sharpness saw each trainee's final parameters in order; the rows hold its
+  # numbers, and they are the diagnostics of the inference-mode loss on the whole
+  # (here: 256-example) training set, recomputed directly.
+  assert len(MEASURED) == len(results)
+  for (params, batch_stats), data, out in MEASURED.values():
+    assert len(data["y_train"]) == SMALL.train_examples
+  for i, (name, r) in enumerate(results.items()):
+    (params, batch_stats), data, out = MEASURED[i]
+    assert r["top_hessian_eigenvalue"] == out["top_hessian_eigenvalue"]
+    assert r["worst_case_sharpness"] == out["worst_case_sharpness"]
+    batch = {"image": jnp.asarray(data["x_train"]), "label": jnp.asarray(data["y_train"])}
+    loss = lambda p, b, s: optax.softmax_cross_entropy_with_integer_labels(
+        train.MODEL.apply({"params": p, "batch_stats": s}, b["image"], train=False),
+        b["label"]).mean()
+    # Same numbers as a direct call with the job's settings ...
+    direct = sharpness.top_hessian_eigenvalue(
+        loss, params, batch, batch_stats, num_iters=SMALL.eig_iters, tol=SMALL.eig_tol,
+        key=jax.random.key(SMALL.seed))
+    assert r["top_hessian_eigenvalue"] == pytest.approx(float(direct), rel=1e-4), name
+    # ... and close to a long run from another start (the job stops at a 1e-3 change).
+    long = sharpness.top_hessian_eigenvalue(loss, params, batch, batch_stats, num_iters=300,
+                                            tol=1e-6, key=jax.random.key(99))
+    assert r["top_hessian_eigenvalue"] == pytest.approx(float(long), rel=5e-2), name
+    # The ρ-ball sharpness is at least SAM's one step (its first point), by hand.
+    g = jax.grad(loss)(params, batch, batch_stats)
+    norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
+    e = jax.tree.map(lambda x, gx: x + SMALL.rho * gx / norm, params, g)
+    one_step = float(loss(e, batch, batch_stats) - loss(params, batch, batch_stats))
+    assert r["worst_case_sharpness"] >= one_step * (1 - 1e-4) > 0, name
 
 
 def test_mean_step_size_only_for_sam_sps(results):
@@ -79,6 +129,8 @@ def test_table(results):
   col = {c: i for i, c in enumerate(train.TABLE_COLUMNS)}
   for row, r in zip(cells[2:], rows):
     assert row[col["optimizer"]] == r["label"] == train.OPTIMIZERS[r["optimizer"]]
+    assert float(row[col["λ_max"]]) == pytest.approx(r["top_hessian_eigenvalue"], abs=5e-4)
+    assert float(row[col["ρ-sharpness"]]) == pytest.approx(r["worst_case_sharpness"], abs=5e-6)
     assert float(row[col["train loss"]]) == pytest.approx(r["train_loss"], abs=5e-5)
     assert float(row[col["test acc (%)"]]) == pytest.approx(100 * r["test_accuracy"], abs=5e-3)
     assert float(row[col["ms/step"]]) == pytest.approx(r["ms_per_step"], abs=5e-3)
@@ -93,18 +145,73 @@ def test_table(results):
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
-  out = tmp_path / "results.json"
+  out, figure = tmp_path / "results.json", tmp_path / "figure.png"
   returned = train.main([
       "--optimizers", "sgd", "--epochs", "1", "--batch_size", "32", "--train_examples", "64",
-      "--seed", "3", "--out", str(out), "--no_progress",
+      "--seed", "3", "--out", str(out), "--no_progress", "--plot", str(figure),
   ])
   printed = capsys.readouterr().out
   assert printed.splitlines()[0].startswith("| optimizer")
   assert "| SGD " in printed
+  assert f"Figure: {figure}" in printed
+  assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
   saved = json.loads(out.read_text())
   assert saved["config"]["seed"] == 3 and saved["config"]["batch_size"] == 32
+  assert saved["seeds"] == [3] and "summary" not in saved
   assert saved["results"] == returned
   assert returned[0]["steps"] == 2
+  assert returned[0]["top_hessian_eigenvalue"] > 0 and returned[0]["worst_case_sharpness"] > 0
+
+
+def test_cli_seeds_mean_and_std(tmp_path, capsys):
+  out = tmp_path / "results.json"
+  returned = train.main([
+      "--optimizers", "sgd", "--epochs", "1", "--batch_size", "32", "--train_examples", "64",
+      "--seed", "5", "--seeds", "2", "--out", str(out), "--no_progress", "--plot", "none",
+  ])
+  printed = capsys.readouterr().out
+  saved = json.loads(out.read_text())
+  assert saved["seeds"] == [5, 6] and [r["seed"] for r in saved["results"]] == [5, 6]
+  assert saved["results"] == returned
+  # Seed 6 of the pair is the single run with --seed 6.
+  [alone] = train.run(dataclasses.replace(SMALL, epochs=1, train_examples=64, seed=6), ["sgd"],
+                      progress=False)
+  assert _numbers(alone) == _numbers(returned[1])
+  [summary] = saved["summary"]
+  for key in ("train_loss", "test_accuracy", "top_hessian_eigenvalue", "worst_case_sharpness"):
+    values = [r[key] for r in returned]
+    if key != "test_accuracy":  # 360 test images: two seeds may tie
+      assert values[0] != values[1], key
+    assert summary[key]["values"] == values
+    assert summary[key]["mean"] == pytest.approx((values[0] + values[1]) / 2, rel=1e-12)
+    assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2),
+                                                rel=1e-9)
+  assert summary["mean_step_size"] is None
+  row = printed.splitlines()[2]
+  lam = summary["top_hessian_eigenvalue"]
+  assert f"{lam['mean']:.3f} ± {lam['std']:.3f}" in row
+  assert "seeds 5, 6 (mean ± std)" in printed and "Figure:" not in printed
+
+
+def test_summarize_arithmetic():
+  rows = [
+      {"optimizer": "sam", "label": "SAM", "seed": s, "train_loss": v, "test_loss": v,
+       "test_accuracy": v, "top_hessian_eigenvalue": 10 * v, "worst_case_sharpness": v,
+       "ms_per_step": 1.0, "mean_step_size": None}
+      for s, v in ((0, 1.0), (1, 2.0), (2, 4.0))
+  ]
+  [s] = train.summarize(rows)
+  assert s["seeds"] == [0, 1, 2] and s["label"] == "SAM"
+  assert s["top_hessian_eigenvalue"]["mean"] == pytest.approx(70 / 3)
+  assert s["top_hessian_eigenvalue"]["std"] == pytest.approx(10 * math.sqrt(7 / 3))  # ddof = 1
+  assert s["ms_per_step"] == {"mean": 1.0, "std": 0.0, "values": [1.0, 1.0, 1.0]}
+  assert s["mean_step_size"] is None
+  [one] = train.summarize(rows[:1])
+  assert one["train_loss"]["std"] == 0.0
+  table = train.format_summary_table([s]).splitlines()
+  assert "23.333 ± 15.275" in table[2]
+  with pytest.raises(ValueError, match="`seeds` must be a positive int"):
+    train.run_seeds(SMALL, ["sgd"], 0, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -116,6 +223,10 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
         (["--batch_size", "2000"], "`batch_size` must be in [1, 1437]"),
         (["--train_examples", "0"], "`train_examples` must be in [1, 1437]"),
         (["--rho", "-0.1", "--optimizers", "sgd,sam"], "`rho`"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0."),
+        (["--eig_iters", "0"], "--eig_iters must be at least 1, got 0."),
+        (["--sharpness_steps", "0"], "--sharpness_steps must be at least 1"),
+        (["--sharpness_rho", "-1"], "--sharpness_rho must be >= 0"),
     (["--optimizers", "sgd,intervall"], "--optimizers: unknown optimizer(s) ['intervall']"),
     (["--optimizers", "interval", "--sam_every", "0"],
      "interval (--sam_every 0): `every` must be a positive int, got 0."),
@@ -243,6 +354,7 @@ def test_cli_variant_flags(tmp_path, capsys):
   [looksam] = train.main([
       "--optimizers", "looksam", "--sam_every", "2", "--looksam_alpha", "0.5", "--epochs", "1",
       "--batch_size", "32", "--train_examples", "128", "--out", str(out), "--no_progress",
+      "--plot", "none",
   ])
   printed = capsys.readouterr().out
   assert "| LookSAM (k=2, α=0.5) " in printed

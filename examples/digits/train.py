@@ -13,15 +13,25 @@ On request (``--optimizers``), the variants of docs/variants.md join the
 comparison: interval SAM and LookSAM (a SAM step every k steps), GSAM and ASAM
 with a kernels-only mask, all around SAM (λ = 1) with the same base SGD.
 
+After training, each optimizer's final parameters are measured for sharpness
+(:mod:`sam_optax.sharpness`) on the whole training set with batch norm in
+inference mode (the running statistics): the top Hessian eigenvalue by power
+iteration and the ρ-ball sharpness max_{‖d‖≤ρ} f(x + d) - f(x) by projected
+ascent. ``--seeds N`` repeats the run for N seeds and reports mean ± std; a PNG
+shows the training curves, the test accuracy and the sharpness per optimizer.
+
 Deterministic: a fixed stratified train/test split, parameters initialised and
-batches shuffled from ``seed``; two runs give identical losses and accuracies.
+batches shuffled from ``seed``; two runs give identical losses, accuracies and
+sharpness.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -34,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import sam_optax
+from sam_optax import sharpness
 
 # name -> label (formatted with the Config's fields); the order of the results table.
 OPTIMIZERS = {
@@ -79,6 +90,11 @@ class Config:
   asam_rho: float = 0.5  # ASAM's radius: about 10× SAM's (docs/variants.md)
   asam_eta: float = 0.01  # ASAM's offset in T = |x| + η
   train_examples: int | None = None  # a subset of the training split (tests)
+  # Sharpness of the final parameters (full training set, inference-mode batch norm).
+  eig_iters: int = 20  # power iterations (Hessian-vector products) at most
+  eig_tol: float = 1e-3  # stop once λ changes by less than this, relatively
+  sharpness_rho: float | None = None  # the ball's radius; None: the training ρ
+  sharpness_steps: int = 5  # ascent points of the ρ-ball sharpness
 
 
 class CNN(nn.Module):
@@ -104,6 +120,61 @@ def evaluate(params, batch_stats, images, labels):
   logits = MODEL.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def make_eval_loss_fn(model: CNN) -> Callable[..., Any]:
+  """loss_fn(params, batch, batch_stats) -> mean cross-entropy, batch norm in inference mode.
+
+  The loss whose sharpness is measured: a deterministic function of the parameters
+  (the running statistics are fixed), unlike the training-mode loss.
+  """
+
+  def loss_fn(params, batch, batch_stats):
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                         train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  return loss_fn
+
+
+EVAL_LOSS = make_eval_loss_fn(MODEL)
+
+
+@functools.partial(jax.jit, static_argnames=("eig_iters", "sharpness_steps"))
+def sharpness_diagnostics(
+    params: Any,
+    batch_stats: Any,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    rho: float,
+    eig_iters: int,
+    eig_tol: float,
+    sharpness_steps: int,
+) -> dict[str, jax.Array]:
+  """The top Hessian eigenvalue and the ρ-ball sharpness of the inference-mode loss."""
+  return {
+      "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
+          EVAL_LOSS, params, batch, batch_stats, num_iters=eig_iters, tol=eig_tol, key=key),
+      "worst_case_sharpness": sharpness.worst_case_sharpness(
+          EVAL_LOSS, params, batch, batch_stats, rho=rho, num_steps=sharpness_steps),
+  }
+
+
+def measure_sharpness(
+    params: Any, batch_stats: Any, data: dict[str, np.ndarray], cfg: Config
+) -> dict[str, float]:
+  """Both diagnostics on the whole training set, as floats, and the seconds they took."""
+  start = time.perf_counter()
+  batch = {"image": jnp.asarray(data["x_train"]), "label": jnp.asarray(data["y_train"])}
+  out = sharpness_diagnostics(
+      params, batch_stats, batch, jax.random.key(cfg.seed),
+      rho=cfg.rho if cfg.sharpness_rho is None else cfg.sharpness_rho,
+      eig_iters=cfg.eig_iters, eig_tol=cfg.eig_tol, sharpness_steps=cfg.sharpness_steps,
+  )
+  out = {k: float(v) for k, v in out.items()}
+  out["sharpness_seconds"] = time.perf_counter() - start
+  return out
 
 
 def load_data(train_examples: int | None = None) -> dict[str, np.ndarray]:
@@ -263,6 +334,7 @@ class _Trainee:
     else:
       self._step = sam_optax.sam_step(loss_fn, tx, has_aux=True)
     self.step_times, self.step_sizes, self.losses, self.history = [], [], [], []
+    self.sharpness: dict[str, float] = {}
 
   def step(self, batch: dict[str, jax.Array]) -> None:
     start = time.perf_counter()
@@ -302,6 +374,7 @@ class _Trainee:
         "ms_per_sam_step": ms_sam,
         "ms_per_skipped_step": ms_skipped,
         "mean_step_size": float(np.mean(self.step_sizes)) if self.step_sizes else None,
+        **self.sharpness,
         "steps": len(self.step_times),
         "history": self.history,
     }
@@ -357,10 +430,57 @@ def run(
       trainee.end_epoch(epoch, data)
     bar.show(epoch, {t.name: t.history[-1]["test_accuracy"] for t in trainees})
   bar.close()
-  return [trainee.result() for trainee in trainees]
+  for trainee in trainees:  # after training: the step timings are not disturbed
+    trainee.sharpness = measure_sharpness(trainee.params, trainee.batch_stats, data, cfg)
+  return [{"seed": cfg.seed, **trainee.result()} for trainee in trainees]
 
 
-TABLE_COLUMNS = ("optimizer", "train loss", "test acc (%)", "ms/step", "× SGD", "mean γ_t")
+# The numbers averaged over seeds by --seeds (mean ± std).
+SUMMARY_KEYS = ("train_loss", "test_loss", "test_accuracy", "top_hessian_eigenvalue",
+                "worst_case_sharpness", "ms_per_step", "mean_step_size")
+
+
+def run_seeds(
+    cfg: Config,
+    names: Sequence[str] = DEFAULT_OPTIMIZERS,
+    seeds: int = 1,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+  """:func:`run` for seeds ``cfg.seed, cfg.seed + 1, ...``; the rows of all, seed by seed."""
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"`seeds` must be a positive int, got {seeds!r}.")
+  rows = []
+  for seed in range(cfg.seed, cfg.seed + seeds):
+    rows += run(dataclasses.replace(cfg, seed=seed), names, progress=progress)
+  return rows
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per optimizer (first-seen order): mean, sample std (ddof = 1; 0 for one seed) and the
+  per-seed values of each of SUMMARY_KEYS (None where the optimizer has no such number)."""
+  by_name: dict[str, list[dict[str, Any]]] = {}
+  for r in results:
+    by_name.setdefault(r["optimizer"], []).append(r)
+  summary = []
+  for name, rows in by_name.items():
+    entry = {"optimizer": name, "label": rows[0]["label"], "seeds": [r["seed"] for r in rows]}
+    for key in SUMMARY_KEYS:
+      values = [r[key] for r in rows]
+      if any(v is None for v in values):
+        entry[key] = None
+        continue
+      entry[key] = {
+          "mean": float(np.mean(values)),
+          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+          "values": [float(v) for v in values],
+      }
+    summary.append(entry)
+  return summary
+
+
+TABLE_COLUMNS = ("optimizer", "train loss", "test acc (%)", "λ_max", "ρ-sharpness", "ms/step",
+                 "× SGD", "mean γ_t")
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
@@ -372,6 +492,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         r["label"],
         f"{r['train_loss']:.4f}",
         f"{100 * r['test_accuracy']:.2f}",
+        f"{r['top_hessian_eigenvalue']:.3f}",
+        f"{r['worst_case_sharpness']:.5f}",
         f"{r['ms_per_step']:.2f}",
         "-" if sgd_ms is None else f"{r['ms_per_step'] / sgd_ms:.2f}",
         "-" if r["mean_step_size"] is None else f"{r['mean_step_size']:.4f}",
@@ -380,6 +502,66 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   return "\n".join(
       "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
   )
+
+
+def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
+  """The mean ± std over seeds as a markdown table (× SGD from the mean step times)."""
+  sgd = next((s for s in summary if s["optimizer"] == "sgd"), None)
+  pm = lambda v, fmt, scale=1.0: (
+      "-" if v is None else f"{scale * v['mean']:{fmt}} ± {scale * v['std']:{fmt}}")
+  rows = [TABLE_COLUMNS, tuple("-" * len(c) for c in TABLE_COLUMNS)]
+  for s in summary:
+    rows.append((
+        s["label"],
+        pm(s["train_loss"], ".4f"),
+        pm(s["test_accuracy"], ".2f", 100.0),
+        pm(s["top_hessian_eigenvalue"], ".3f"),
+        pm(s["worst_case_sharpness"], ".5f"),
+        pm(s["ms_per_step"], ".2f"),
+        "-" if sgd is None else f"{s['ms_per_step']['mean'] / sgd['ms_per_step']['mean']:.2f}",
+        pm(s["mean_step_size"], ".4f"),
+    ))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+  return "\n".join(
+      "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
+  )
+
+
+def plot(results: Sequence[dict[str, Any]], path: str) -> str:
+  """A PNG: training loss and test accuracy per epoch (mean over seeds), and bars of the
+  top Hessian eigenvalue and the ρ-ball sharpness per optimizer (mean ± std)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  summary = summarize(results)
+  fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+  for s in summary:
+    rows = [r for r in results if r["optimizer"] == s["optimizer"]]
+    epochs = [h["epoch"] for h in rows[0]["history"]]
+    for ax, key, scale in ((axes[0], "train_loss", 1.0), (axes[1], "test_accuracy", 100.0)):
+      curve = np.mean([[scale * h[key] for h in r["history"]] for r in rows], axis=0)
+      ax.plot(epochs, curve, label=s["label"])
+  axes[0].set(title="training loss (mean of epoch)", xlabel="epoch", yscale="log")
+  axes[1].set(title="test accuracy (%)", xlabel="epoch")
+  axes[1].set_ylim(bottom=max(0.0, axes[1].get_ylim()[0]))
+  axes[0].legend(fontsize=7)
+  labels = [s["label"].replace(" (", "\n(") for s in summary]
+  colors = [f"C{i}" for i in range(len(summary))]
+  for ax, key, title in ((axes[2], "top_hessian_eigenvalue", "top Hessian eigenvalue λ_max"),
+                         (axes[3], "worst_case_sharpness", "ρ-ball sharpness")):
+    ax.bar(range(len(summary)), [s[key]["mean"] for s in summary],
+           yerr=[s[key]["std"] for s in summary], color=colors, capsize=3)
+    ax.set_xticks(range(len(summary)), labels, fontsize=6)
+    ax.set_title(title)
+  seeds = sorted({r["seed"] for r in results})
+  fig.suptitle(f"digits, seeds {', '.join(map(str, seeds))}: sharpness measured on the "
+               "training set, batch norm in inference mode", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
 
 
 def format_step_costs(results: Sequence[dict[str, Any]]) -> str:
@@ -453,13 +635,31 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help=f"{text} (default: {default})")
   parser.add_argument("--train_examples", type=int, default=None,
                       help="train on the first N examples of the training split (smoke tests)")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="run seeds --seed, --seed+1, ... and print mean ± std (default: 1)")
+  parser.add_argument("--eig_iters", type=int, default=defaults.eig_iters,
+                      help="power iterations for the top Hessian eigenvalue, at most")
+  parser.add_argument("--sharpness_rho", type=float, default=None,
+                      help="radius of the ρ-ball sharpness (default: --rho)")
+  parser.add_argument("--sharpness_steps", type=int, default=defaults.sharpness_steps,
+                      help="ascent points of the ρ-ball sharpness")
   parser.add_argument("--out", default=None, help="write the results (and per-epoch history) as JSON")
+  parser.add_argument("--plot", default="digits.png",
+                      help="write the figure here (PNG; default digits.png; 'none' for no figure)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   try:
     names = parse_optimizers(args.optimizers)
   except ValueError as e:
     parser.error(str(e))
+  if args.seeds < 1:
+    parser.error(f"--seeds must be at least 1, got {args.seeds}.")
+  if args.eig_iters < 1:
+    parser.error(f"--eig_iters must be at least 1, got {args.eig_iters}.")
+  if args.sharpness_steps < 1:
+    parser.error(f"--sharpness_steps must be at least 1, got {args.sharpness_steps}.")
+  if args.sharpness_rho is not None and not args.sharpness_rho >= 0:
+    parser.error(f"--sharpness_rho must be >= 0, got {args.sharpness_rho}.")
   variant_args = {f: getattr(args, f) for f in variant_help if getattr(args, f) is not None}
   for field in variant_args:  # a variant's flag without the variant would do nothing
     users = [n for n, fields in VARIANT_FIELDS.items() if field in fields]
@@ -468,21 +668,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   cfg = dataclasses.replace(
       defaults, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
       learning_rate=args.lr, rho=args.rho, gamma_b=args.gamma_b,
-      train_examples=args.train_examples, **variant_args,
+      train_examples=args.train_examples, eig_iters=args.eig_iters,
+      sharpness_rho=args.sharpness_rho, sharpness_steps=args.sharpness_steps, **variant_args,
   )
   start = time.perf_counter()
   try:
-    results = run(cfg, names, progress=not args.no_progress)
+    results = run_seeds(cfg, names, args.seeds, progress=not args.no_progress)
   except (ValueError, TypeError) as e:
     parser.error(str(e))
   wall = time.perf_counter() - start
 
-  print(format_table(results))
-  if step_costs := format_step_costs(results):
+  seeds = list(range(cfg.seed, cfg.seed + args.seeds))
+  summary = summarize(results) if args.seeds > 1 else None
+  print(format_table(results) if summary is None else format_summary_table(summary))
+  if step_costs := format_step_costs(results if summary is None else results[: len(names)]):
     print("\n" + step_costs)
+  ball_rho = cfg.rho if cfg.sharpness_rho is None else cfg.sharpness_rho
   print(f"\n{cfg.epochs} epoch(s) × {results[0]['steps'] // cfg.epochs} steps of batch "
-        f"{cfg.batch_size}, seed {cfg.seed}, ρ = {cfg.rho}, lr = {cfg.learning_rate}; "
-        f"{wall:.1f} s wall on {jax.devices()[0].platform}, compilation included.")
+        f"{cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}{' (mean ± std)' if summary else ''}, ρ = {cfg.rho}, "
+        f"lr = {cfg.learning_rate}; {wall:.1f} s wall on {jax.devices()[0].platform}, "
+        "compilation included.")
+  print(f"λ_max: top Hessian eigenvalue ({cfg.eig_iters} power iterations at most); "
+        f"ρ-sharpness: max over ‖d‖ ≤ {ball_rho} of f(x + d) - f(x) ({cfg.sharpness_steps} "
+        "ascent points); both of the final parameters on the whole training set, batch norm "
+        "in inference mode.")
+  if args.plot.lower() != "none":
+    print(f"Figure: {os.path.abspath(plot(results, args.plot))}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({
@@ -490,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
           "wall_seconds": wall,
           "platform": {"jax": jax.__version__, "device": str(jax.devices()[0]),
                        "python": platform.python_version(), "machine": platform.machine()},
+          "seeds": seeds,
           "results": results,
+          **({"summary": summary} if summary is not None else {}),
       }, f, indent=2)
   return results
