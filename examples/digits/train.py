@@ -7,7 +7,7 @@ by every optimizer in turn, so their step times share the machine's load. The
 data set ships with scikit-learn (1,797 8×8 grey-scale images, 10 classes), so
 nothing is downloaded. The two-pass optimizers run through :func:`sam_optax.sam_step`
 with ``has_aux=True`` (batch-norm statistics from the clean pass); SGD runs
-through a one-pass step written the same way.
+through the same ``sam_step`` (its one-pass path).
 
 On request (``--optimizers``), the variants of docs/variants.md join the
 comparison: interval SAM and LookSAM (a SAM step every k steps), GSAM and ASAM
@@ -279,19 +279,6 @@ def make_loss_fn(model: CNN) -> Callable[..., Any]:
   return loss_fn
 
 
-def sgd_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation) -> Callable[..., Any]:
-  """The one-pass counterpart of ``sam_step(loss_fn, tx, has_aux=True)``."""
-
-  def step(params, opt_state, batch, batch_stats):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, batch_stats
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss}, batch_stats
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
 def step_time_ms(times: Sequence[float], every: int = 1) -> tuple[float, float | None, float | None]:
   """(ms per step, ms per SAM step, ms per skipped step) from step times in seconds.
 
@@ -329,10 +316,8 @@ class _Trainee:
     )
     self.opt_state = tx.init(self.params)
     loss_fn = make_loss_fn(MODEL)
-    if name == "sgd":
-      self._step = sgd_step(loss_fn, tx)
-    else:
-      self._step = sam_optax.sam_step(loss_fn, tx, has_aux=True)
+    # One step function for all: sam_step drives SGD as a plain one-pass step.
+    self._step = sam_optax.sam_step(loss_fn, tx, has_aux=True)
     self.step_times, self.step_sizes, self.losses, self.history = [], [], [], []
     self.sharpness: dict[str, float] = {}
 
