@@ -57,3 +57,11 @@ __all__ = (
     "unified_sam",
     "unreplicate",
 )
+
+
+def __getattr__(name: str):
+  # `sam_optax.nnx` / `sam_optax.linen` import flax, so they load on first use only.
+  if name in ("nnx", "linen"):
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f"sam_optax.{name}")
+  raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
