@@ -109,6 +109,34 @@ def test_one_step_smoke(name, data_dir):
   assert float(state["sums"]["loss"]) == pytest.approx(16 * float(out["loss"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("m_sharpness", [None, 4])
+def test_nnx_model_is_stepped_by_sam_optax_nnx(m_sharpness, data_dir, monkeypatch):
+  """sam_optax.nnx.sam_step on the live module equals sam_step on the split state, bit for bit."""
+  import sam_optax.nnx
+
+  built, real = [], sam_optax.nnx.sam_step
+  monkeypatch.setattr(sam_optax.nnx, "sam_step", lambda *a, **k: built.append(k) or real(*a, **k))
+  config = tiny(load_config("nnx_resnet20"))
+  config.m_sharpness = m_sharpness
+  run = train.setup(config, data_dir)
+  assert run.model.kind == "nnx" and len(built) == 1
+  groups = {} if m_sharpness is None else dict(ascent="local", groups=16 // m_sharpness)
+  assert {k: built[0][k] for k in groups} == groups
+  functional = sam_optax.sam_step(run.loss_fn, run.tx, has_aux=True, **groups)
+  host = jax.device_get(run.state)
+  params, opt_state, stats = host["params"], host["opt_state"], host["batch_stats"]
+  batches = train.input_pipeline.TrainBatches(run.data.train, 16, 0)
+  state = run.state
+  for i in range(3):
+    state, out = run.train_step(state, run.put_batch(batches(i)))
+    params, opt_state, metrics, aux = functional(params, opt_state, batches(i), stats, None)
+    stats = aux["batch_stats"]
+    assert float(out["loss"]) == float(metrics["loss"])
+  for x, y in zip(leaves(state), leaves({"step": 3, "params": params, "opt_state": opt_state,
+                                         "batch_stats": stats}) + leaves(state["sums"])):
+    assert np.array_equal(x, y)
+
+
 def test_bfloat16_compute_keeps_float32_params(data_dir):
   config = tiny(load_config("smoke"))
   config.dtype = "bfloat16"

@@ -75,22 +75,25 @@ def make_loss_fn(model: models.Model, config, mean, std, num_classes) -> Callabl
 
 
 def make_train_step(loss_fn, tx, config, schedule, steps_per_epoch: int,
-                    mesh: jax.sharding.Mesh) -> Callable:
+                    mesh: jax.sharding.Mesh, nnx_model: tuple | None = None) -> Callable:
   """The jitted step ``(state, batch) -> (state, out)``; ``state`` is donated.
 
   The state is replicated over ``mesh`` and the batch split along its ``"data"`` axis;
-  jit computes the one-device step on the whole batch, on one device or many.
+  jit computes the one-device step on the whole batch, on one device or many. An NNX
+  model, ``nnx_model = (make_module(rngs), nnx_loss_fn)``, is stepped by
+  ``sam_optax.nnx.sam_step``.
   """
   optimizer = OPTIMIZERS[config.optimizer]
-  groups = 1
+  groups, sam_options = 1, {}
+  if config.m_sharpness is not None:  # m-sharpness: one ascent per group of m examples
+    groups = config.batch_size // config.m_sharpness
+    sam_options = dict(ascent="local", groups=groups)
   if not optimizer.two_pass:
     step_fn = _one_pass_step(loss_fn, tx)
-  elif config.m_sharpness is None:
-    step_fn = sam_optax.sam_step(loss_fn, tx, has_aux=True, jit=False)
-  else:  # m-sharpness: one ascent per group of m examples
-    groups = config.batch_size // config.m_sharpness
-    step_fn = sam_optax.sam_step(loss_fn, tx, has_aux=True, jit=False, ascent="local",
-                                 groups=groups)
+  elif nnx_model is not None:
+    step_fn = _nnx_sam_step(*nnx_model, tx, **sam_options)
+  else:
+    step_fn = sam_optax.sam_step(loss_fn, tx, has_aux=True, jit=False, **sam_options)
   key = jax.random.key(config.seed + 1)
 
   def train_step(state, batch):
@@ -129,6 +132,62 @@ def _one_pass_step(loss_fn, tx):
     return optax.apply_updates(params, updates), opt_state, metrics, aux
 
   return step
+
+
+def make_nnx_loss_fn(config, mean, std, num_classes) -> Callable:
+  """``loss_fn(module, batch, rng) -> (loss, aux)`` for sam_optax.nnx.sam_step."""
+  mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+  def loss_fn(module, batch, rng):
+    del rng  # the NNX ResNet has no dropout
+    logits = module(input_pipeline.normalize(batch["image"], mean, std))
+    loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
+    return loss, {"correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"],
+                                     dtype=jnp.float32)}
+
+  return loss_fn
+
+
+def _nnx_sam_step(make_module, loss_fn, tx, **sam_options):
+  """sam_optax.nnx.sam_step on a module and ``nnx.Optimizer`` built from the pure state.
+
+  The trainer's state stays plain dicts (for orbax, the sharded jit and evaluation);
+  inside the compiled step they become a live module and optimizer, which
+  sam_optax.nnx.sam_step updates in place, and are read back.
+  """
+  import sam_optax.nnx
+  from flax import nnx
+
+  graphdef, params_def, stats_def = nnx.split(
+      nnx.eval_shape(lambda: make_module(nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
+  nnx_step = sam_optax.nnx.sam_step(loss_fn, has_aux=True, jit=False, **sam_options)
+  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+  def step(params, opt_state, batch, batch_stats, rng):
+    p, b = jax.tree.map(lambda x: x, (params_def, stats_def))  # fresh copies to fill in
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(b, batch_stats)
+    module = nnx.merge(graphdef, p, b)
+    module.train()
+    optimizer = nnx.Optimizer(module, tx, wrt=nnx.Param)
+    # The same optax state, with nnx.State nodes for dicts: the same leaves in the same order.
+    for variable, x in zip(jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable),
+                           jax.tree.leaves(opt_state)):
+      variable[...] = x
+    metrics, aux = nnx_step(module, optimizer, batch, rng)
+    opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
+                                   jax.tree.leaves(nnx.as_pure(optimizer.opt_state)))
+    return (nnx.to_pure_dict(nnx.state(module, nnx.Param)), opt_state, metrics,
+            {"batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), **aux})
+
+  return step
+
+
+def nnx_module_fn(config, num_classes) -> Callable:
+  """``make(rngs)`` for ``config.model = "nnx_resnet<depth>"``, as models.create_model builds it."""
+  depth = int(config.model[len("nnx_resnet"):])
+  return lambda rngs: models.NNXResNet(depth, config.model_width or 16, num_classes,
+                                       dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 
 def make_eval_step(model: models.Model, mean, std, num_classes) -> Callable:
@@ -380,7 +439,11 @@ def setup(config, data_dir: str) -> Run:
            "sums": {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}}
   state = jax.device_put(state, NamedSharding(mesh, P()))  # one copy on every device
   loss_fn = make_loss_fn(model, config, data.mean, data.std, data.num_classes)
-  train_step = make_train_step(loss_fn, tx, config, schedule, spe, mesh)
+  nnx_model = None
+  if model.kind == "nnx":
+    nnx_model = (nnx_module_fn(config, data.num_classes),
+                 make_nnx_loss_fn(config, data.mean, data.std, data.num_classes))
+  train_step = make_train_step(loss_fn, tx, config, schedule, spe, mesh, nnx_model)
   jax.eval_shape(train_step, state, batch)  # sam_optax's trace-time checks
   n = mesh.size  # padded, masked test examples make any eval batch size exact
   return Run(config, data, model, tx, schedule, spe, total, loss_fn, train_step,

@@ -1,7 +1,7 @@
 """The NNX path: Unified SAM on a ResNet-20 written with Flax NNX (CIFAR-10, 200 epochs).
 
-Same architecture and recipe as a Linen ResNet-20 run; the trainer drives the NNX module
-through ``nnx.split``/``nnx.merge`` (see models.py).
+Same architecture and recipe as a Linen ResNet-20 run; the trainer steps the NNX module
+and an ``nnx.Optimizer`` with ``sam_optax.nnx.sam_step`` (see train.py).
 """
 
 from examples.cifar.configs import default
