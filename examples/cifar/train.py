@@ -215,6 +215,51 @@ def evaluate(eval_step, params, batch_stats, split, batch_size, put=None) -> dic
   return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
 
 
+def make_sharpness_fn(model: models.Model, config, data, put) -> Callable | None:
+  """``diagnostics(params, batch_stats, epoch) -> dict`` from sam_optax.sharpness, or None (off).
+
+  The loss is the inference-mode cross-entropy (running batch statistics) on the first
+  ``sharpness_batches`` training batches without augmentation: the same function every
+  time, so the figures of different epochs (and runs) compare. ``sharpness_seconds`` is
+  the evaluation's wall time (the first one includes compilation).
+  """
+  if not config.sharpness_every_epochs:
+    return None
+  from sam_optax import sharpness
+
+  fixed = input_pipeline.TrainBatches(data.train, config.batch_size, config.seed,
+                                      augment_images=False)
+  batch = put(jax.tree.map(lambda *xs: np.concatenate(xs),
+                           *[fixed(i) for i in range(config.sharpness_batches)]))
+  mean, std = jnp.asarray(data.mean), jnp.asarray(data.std)
+  key = jax.random.key(config.seed + 2)
+
+  def loss_fn(params, batch, batch_stats):
+    images = input_pipeline.normalize(batch["image"], mean, std)
+    logits, _ = model.apply(params, batch_stats, images, False, None)
+    return cross_entropy(logits, batch["label"], data.num_classes).mean()
+
+  @jax.jit
+  def diagnostics(params, batch_stats, epoch):
+    eig_key, trace_key = jax.random.split(jax.random.fold_in(key, epoch))
+    args = (loss_fn, params, batch, batch_stats)
+    out = {"top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
+        *args, num_iters=config.sharpness_num_iters, key=eig_key)}
+    if config.sharpness_num_samples:
+      out["hessian_trace"] = sharpness.hessian_trace(
+          *args, num_samples=config.sharpness_num_samples, key=trace_key)
+    if config.sharpness_rho:
+      out["rho_sharpness"] = sharpness.worst_case_sharpness(*args, rho=config.sharpness_rho)
+    return out
+
+  def run(params, batch_stats, epoch):
+    start = time.perf_counter()
+    out = {k: float(v) for k, v in jax.device_get(diagnostics(params, batch_stats, epoch)).items()}
+    return {**out, "sharpness_seconds": time.perf_counter() - start}
+
+  return run
+
+
 # --------------------------------------------------------------------- optimizers
 
 
@@ -408,6 +453,7 @@ class Run:
   mesh: jax.sharding.Mesh
   put_batch: Callable  # host batch -> global array split over the mesh's devices
   eval_batch_size: int  # config.eval_batch_size rounded up to a multiple of the devices
+  sharpness: Callable | None  # (params, batch_stats, epoch) -> diagnostics, or None (off)
 
 
 def setup(config, data_dir: str) -> Run:
@@ -446,9 +492,10 @@ def setup(config, data_dir: str) -> Run:
   train_step = make_train_step(loss_fn, tx, config, schedule, spe, mesh, nnx_model)
   jax.eval_shape(train_step, state, batch)  # sam_optax's trace-time checks
   n = mesh.size  # padded, masked test examples make any eval batch size exact
+  put = lambda b: sam_optax.global_batch(b, mesh)  # noqa: E731
   return Run(config, data, model, tx, schedule, spe, total, loss_fn, train_step,
-             make_eval_step(model, data.mean, data.std, data.num_classes), state, mesh,
-             lambda b: sam_optax.global_batch(b, mesh), -(-config.eval_batch_size // n) * n)
+             make_eval_step(model, data.mean, data.std, data.num_classes), state, mesh, put,
+             -(-config.eval_batch_size // n) * n, make_sharpness_fn(model, config, data, put))
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -636,6 +683,8 @@ def _train(run: Run, workdir, manager, resume, hooks):
       test = evaluate(run.eval_step, state["params"], state["batch_stats"], data.test,
                       run.eval_batch_size, run.put_batch)
       record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+    if run.sharpness and (epoch % config.sharpness_every_epochs == 0 or step == total):
+      record.update(run.sharpness(state["params"], state["batch_stats"], epoch))
     if step > epoch_clock[1]:  # the first epoch of a (resumed) run includes compilation
       record["images_per_s"] = ((step - epoch_clock[1]) * config.batch_size
                                 / (time.perf_counter() - epoch_clock[0]))
@@ -725,6 +774,8 @@ def _append_jsonl(path, record) -> None:
 
 
 _RATE_LABELS = {"learning_rate": "learning rate", "step_size": "Polyak step size γ_t"}
+_SHARPNESS_LABELS = {"top_hessian_eigenvalue": "top Hessian eigenvalue λ_max",
+                     "hessian_trace": "Hessian trace", "rho_sharpness": "ρ-ball sharpness"}
 
 
 def write_plots(workdir: str, rate: str = "learning_rate") -> list[str]:
@@ -762,6 +813,14 @@ def write_plots(workdir: str, rate: str = "learning_rate") -> list[str]:
     curves(ax2, [("train_accuracy", "o-", "train"), ("test_accuracy", "s-", "test")],
            "accuracy (%)", "accuracy", scale=100)
     save(fig, "curves.png")
+  diagnostics = [k for k in _SHARPNESS_LABELS if any(k in r for r in epochs)]
+  if diagnostics:
+    fig, axes = plt.subplots(1, len(diagnostics), figsize=(5 * len(diagnostics), 4),
+                             squeeze=False)
+    for ax, key in zip(axes[0], diagnostics):
+      curves(ax, [(key, "o-", "training batches, inference mode")], _SHARPNESS_LABELS[key],
+             _SHARPNESS_LABELS[key])
+    save(fig, "sharpness.png")
   if steps:
     label = _RATE_LABELS[rate]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -60,6 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # stop after this many steps (-1: num_epochs); LR schedules keep num_epochs
   c.seed = 0
 
+  # Sharpness diagnostics (sam_optax.sharpness) on fixed training batches, every N epochs
+  # and at the end; off by default. See README.md for what one evaluation costs.
+  c.sharpness_every_epochs = 0  # 0: off
+  c.sharpness_batches = 1  # training batches (batch_size each, not augmented) in the loss
+  c.sharpness_num_iters = 20  # power iterations for the top Hessian eigenvalue
+  c.sharpness_num_samples = 0  # Hutchinson probes for the Hessian trace (0: no trace)
+  c.sharpness_rho = 0.0  # radius of the worst-case ρ-ball sharpness (0: not computed)
+
   # Trainer.
   c.log_every_steps = 50
   c.eval_every_epochs = 1
