@@ -28,6 +28,7 @@ from sam_optax._variants import gsam
 from sam_optax._variants import gsam_rho_schedule
 from sam_optax._variants import interval_sam
 from sam_optax._variants import looksam
+from sam_optax import sharpness
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = (
     "sam_sps",
     "sam_step",
     "shard_batch",
+    "sharpness",
     "sharpness_aware",
     "unified_perturbation",
     "unified_sam",
