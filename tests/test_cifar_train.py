@@ -208,6 +208,7 @@ def records(workdir):
   out = []
   for r in train._read_jsonl(os.path.join(workdir, "metrics.jsonl")):
     r.pop("images_per_s", None)
+    r.pop("sharpness_seconds", None)
     out.append(r)
   return out
 
@@ -259,6 +260,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
   steps = train._read_jsonl(os.path.join(full, "steps.jsonl"))
   assert [r["step"] for r in steps] == [2, 4, 6, 8]
   first = records(full)[0]
+  assert "top_hessian_eigenvalue" not in first  # diagnostics are off by default
   assert set(first) >= {"train_loss", "train_accuracy", "train_perturbed_loss",
                         "train_sharpness", "learning_rate", "test_loss", "test_accuracy"}
   assert first["train_sharpness"] == pytest.approx(
@@ -266,6 +268,38 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
   with open(os.path.join(full, "report.json")) as f:
     assert json.load(f)["best_test_accuracy"] == max(r["test_accuracy"]
                                                     for r in records(full))
+
+
+def test_sharpness_diagnostics_are_logged(tmp_path, data_dir):
+  from sam_optax import sharpness
+
+  config = small_run_config(num_epochs=1, plots=True, sharpness_every_epochs=1,
+                            sharpness_num_iters=5, sharpness_num_samples=3, sharpness_rho=0.05)
+  train.train_and_evaluate(config, str(tmp_path), data_dir=data_dir)
+  (rec,) = train._read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert rec["sharpness_seconds"] > 0
+  # What sam_optax.sharpness computes on the documented loss: inference-mode cross-entropy
+  # on the first training batch without augmentation, keys from (seed + 2, epoch).
+  run = train.setup(config, data_dir)
+  state = final_state(str(tmp_path), run)
+  batch = train.input_pipeline.TrainBatches(run.data.train, 16, 0, augment_images=False)(0)
+
+  def loss_fn(params, batch, batch_stats):
+    images = train.input_pipeline.normalize(batch["image"], run.data.mean, run.data.std)
+    logits, _ = run.model.apply(params, batch_stats, images, False, None)
+    return train.cross_entropy(logits, batch["label"], 10).mean()
+
+  args = (loss_fn, state["params"], batch, state["batch_stats"])
+  eig_key, trace_key = jax.random.split(jax.random.fold_in(jax.random.key(2), 1))
+  expected = {
+      "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(*args, num_iters=5, key=eig_key),
+      "hessian_trace": sharpness.hessian_trace(*args, num_samples=3, key=trace_key),
+      "rho_sharpness": sharpness.worst_case_sharpness(*args, rho=0.05)}
+  for key, value in expected.items():
+    assert rec[key] == pytest.approx(float(value), rel=1e-4), key
+  assert rec["top_hessian_eigenvalue"] > 0 and rec["rho_sharpness"] > 0
+  with open(os.path.join(tmp_path, "plots", "sharpness.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sam_sps_logs_step_size(tmp_path, data_dir):
