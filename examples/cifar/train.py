@@ -669,6 +669,7 @@ def _train(run: Run, workdir, manager, resume, hooks):
 
   def finish_epoch(epoch):
     nonlocal epoch_clock
+    elapsed = time.perf_counter() - epoch_clock[0]  # training only, not evaluation
     sums = {k: float(v) for k, v in jax.device_get(state["sums"]).items()}
     mean = {k: v / sums["count"] for k, v in sums.items()}
     record = {"epoch": epoch, "step": step, "train_loss": mean["loss"],
@@ -686,8 +687,7 @@ def _train(run: Run, workdir, manager, resume, hooks):
     if run.sharpness and (epoch % config.sharpness_every_epochs == 0 or step == total):
       record.update(run.sharpness(state["params"], state["batch_stats"], epoch))
     if step > epoch_clock[1]:  # the first epoch of a (resumed) run includes compilation
-      record["images_per_s"] = ((step - epoch_clock[1]) * config.batch_size
-                                / (time.perf_counter() - epoch_clock[0]))
+      record["images_per_s"] = (step - epoch_clock[1]) * config.batch_size / elapsed
       ips_history.append(record["images_per_s"])
     _append_jsonl(metrics_path, record)
     if config.plots:

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Schedule of the run.
   c.num_epochs = 200
-  c.num_train_steps = -1  # stop after this many steps (-1: num_epochs); LR schedules keep num_epochs
+  c.num_train_steps = -1  # stop after this many steps (-1: num_epochs); schedules keep num_epochs
   c.seed = 0
 
   # Sharpness diagnostics (sam_optax.sharpness) on fixed training batches, every N epochs
