@@ -18,6 +18,11 @@ and the ratio of process CPU time per step (the work the trainer adds, whatever 
     python benchmarks/trainer_overhead.py                 # ResNet-20, batch 128
     python benchmarks/trainer_overhead.py --quick         # seconds, for CI
     python benchmarks/trainer_overhead.py --model=wrn16_4 --out=runs/bench
+    python benchmarks/trainer_overhead.py --sharpness     # one sharpness evaluation, in steps
+
+``--sharpness`` times instead one evaluation of the trainer's sharpness diagnostics
+(``sharpness_*`` config keys, sam_optax.sharpness on one training batch) in windows
+alternating with bare-step windows, and reports it in seconds and in training steps.
 """
 
 from __future__ import annotations
@@ -122,6 +127,25 @@ def interleaved(config, data_dir, workdir, bare: BareStep, args):
   return trainer, bare_windows
 
 
+def sharpness_cost(config, data_dir, bare: BareStep, args) -> dict:
+  """Seconds of one diagnostics evaluation, alternating with bare-step windows."""
+  config.sharpness_every_epochs, config.sharpness_num_iters = 1, args.sharpness_num_iters
+  config.sharpness_num_samples = args.sharpness_num_samples
+  config.sharpness_rho = args.sharpness_rho
+  run = train.setup(config, data_dir)
+  params, stats = run.state["params"], run.state["batch_stats"]
+  first = run.sharpness(params, stats, 0)  # compilation
+  evals, steps = [], []
+  for epoch in range(1, args.repeats + 1):
+    evals.append(run.sharpness(params, stats, epoch)["sharpness_seconds"])
+    steps.append(bare.window(args.steps)[0])
+  return {"first_call_s": first["sharpness_seconds"], "evaluation_s": summary(evals),
+          "step": summary(steps), "in_steps": statistics.median(evals) / statistics.median(steps),
+          "values": {k: v for k, v in first.items() if k != "sharpness_seconds"},
+          "num_iters": args.sharpness_num_iters, "num_samples": args.sharpness_num_samples,
+          "rho": args.sharpness_rho}
+
+
 def summary(xs):
   return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs),
           "max_ms": 1e3 * max(xs), "windows": len(xs)}
@@ -138,6 +162,11 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="timed windows per side")
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--out", default=None, help="folder for trainer_overhead.{json,md}")
+  p.add_argument("--sharpness", action="store_true",
+                 help="time one sharpness diagnostics evaluation instead of the trainer")
+  p.add_argument("--sharpness_num_iters", type=int, default=20)
+  p.add_argument("--sharpness_num_samples", type=int, default=0)
+  p.add_argument("--sharpness_rho", type=float, default=0.0)
   args = p.parse_args(argv)
   if args.quick:
     args.model, args.width, args.batch_size, args.steps, args.repeats = (
@@ -148,6 +177,20 @@ def main(argv=None):
     make_data(tmp, n_train, 100)
     config = make_config(args)
     bare = BareStep(train.setup(config, tmp), args)
+    if args.sharpness:
+      result = sharpness_cost(config, tmp, bare, args)
+      print(f"Sharpness diagnostics, {args.model}, batch {args.batch_size} "
+            f"(num_iters={args.sharpness_num_iters}, num_samples={args.sharpness_num_samples}, "
+            f"rho={args.sharpness_rho}): {result['evaluation_s']['median_ms'] / 1e3:.2f} s per "
+            f"evaluation [{result['evaluation_s']['min_ms'] / 1e3:.2f}-"
+            f"{result['evaluation_s']['max_ms'] / 1e3:.2f}], {result['in_steps']:.1f} "
+            f"training steps of {result['step']['median_ms']:.0f} ms; first call (compiling) "
+            f"{result['first_call_s']:.1f} s; values {result['values']}")
+      if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sharpness_cost.json"), "w") as f:
+          json.dump(result, f, indent=2)
+      return result
     trainer, bare_windows = interleaved(config, tmp, os.path.join(tmp, "work"), bare, args)
 
   pairs = list(zip(trainer, bare_windows))
