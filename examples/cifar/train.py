@@ -170,7 +170,11 @@ def _nnx_sam_step(make_module, loss_fn, tx, **sam_options):
     module = nnx.merge(graphdef, p, b)
     module.train()
     optimizer = nnx.Optimizer(module, tx, wrt=nnx.Param)
-    # The same optax state, with nnx.State nodes for dicts: the same leaves in the same order.
+    # The same optax state with nnx.State nodes for dicts: the same leaves, in the same order.
+    paths = lambda tree: [jax.tree_util.keystr(k) for k, _ in  # noqa: E731
+                          jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if paths(nnx.as_pure(optimizer.opt_state)) != paths(opt_state):
+      raise ValueError("the nnx.Optimizer's state does not have the trainer's layout")
     for variable, x in zip(jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable),
                            jax.tree.leaves(opt_state)):
       variable[...] = x
