@@ -20,29 +20,29 @@ from examples.cifar import input_pipeline
 
 
 def digits_splits(test_fraction: float = 0.2, seed: int = 0):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    images = np.kron(digits.images, np.ones((4, 4)))  # 8x8 -> 32x32
-    images = np.round(images * (255.0 / 16.0)).astype(np.uint8)
-    images = np.repeat(images[..., None], 3, axis=-1)
-    labels = digits.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=test_fraction,
-                                              random_state=seed, stratify=labels)
-    return input_pipeline.Split(x_tr, y_tr), input_pipeline.Split(x_te, y_te)
+  digits = load_digits()
+  images = np.kron(digits.images, np.ones((4, 4)))  # 8x8 -> 32x32
+  images = np.round(images * (255.0 / 16.0)).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  labels = digits.target.astype(np.int32)
+  x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=test_fraction,
+                                            random_state=seed, stratify=labels)
+  return input_pipeline.Split(x_tr, y_tr), input_pipeline.Split(x_te, y_te)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", required=True)
-    args = p.parse_args(argv)
-    os.makedirs(args.data_dir, exist_ok=True)
-    train, test = digits_splits()
-    path = os.path.join(args.data_dir, input_pipeline.archive_name("cifar10"))
-    input_pipeline.write_archive(path, "cifar10", train, test)
-    print(f"wrote {path}: {len(train)} train / {len(test)} test images")
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--data_dir", required=True)
+  args = p.parse_args(argv)
+  os.makedirs(args.data_dir, exist_ok=True)
+  train, test = digits_splits()
+  path = os.path.join(args.data_dir, input_pipeline.archive_name("cifar10"))
+  input_pipeline.write_archive(path, "cifar10", train, test)
+  print(f"wrote {path}: {len(train)} train / {len(test)} test images")
 
 
 if __name__ == "__main__":
-    main()
+  main()

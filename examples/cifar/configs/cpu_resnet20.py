@@ -10,16 +10,16 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "cpu_resnet20"
-    c.dataset = "cifar10"
-    c.model = "resnet20"
-    c.optimizer = "unified_sam"
-    c.rho = 0.1
-    c.lambd = "1-1/t"
-    c.learning_rate = 0.1
-    c.schedule = "cosine"
-    c.num_epochs = 10
-    c.log_every_steps = 5
-    c.checkpoint_every_steps = 100
-    return c
+  c = default.get_config()
+  c.name = "cpu_resnet20"
+  c.dataset = "cifar10"
+  c.model = "resnet20"
+  c.optimizer = "unified_sam"
+  c.rho = 0.1
+  c.lambd = "1-1/t"
+  c.learning_rate = 0.1
+  c.schedule = "cosine"
+  c.num_epochs = 10
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 100
+  return c

@@ -8,16 +8,16 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "cpu_wrn16_4"
-    c.dataset = "cifar10"
-    c.model = "wrn16_4"
-    c.optimizer = "unified_sam"
-    c.rho = 0.1
-    c.lambd = "1-1/t"
-    c.learning_rate = 0.1
-    c.schedule = "cosine"
-    c.num_epochs = 2
-    c.log_every_steps = 10
-    c.checkpoint_every_steps = 200
-    return c
+  c = default.get_config()
+  c.name = "cpu_wrn16_4"
+  c.dataset = "cifar10"
+  c.model = "wrn16_4"
+  c.optimizer = "unified_sam"
+  c.rho = 0.1
+  c.lambd = "1-1/t"
+  c.learning_rate = 0.1
+  c.schedule = "cosine"
+  c.num_epochs = 2
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 200
+  return c

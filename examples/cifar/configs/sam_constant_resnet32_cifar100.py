@@ -9,14 +9,14 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "sam_constant_resnet32_cifar100"
-    c.dataset = "cifar100"
-    c.model = "resnet32"
-    c.optimizer = "unified_sam"
-    c.rho = 0.1
-    c.lambd = "1"
-    c.learning_rate = 0.05
-    c.schedule = "constant"
-    c.num_epochs = 200
-    return c
+  c = default.get_config()
+  c.name = "sam_constant_resnet32_cifar100"
+  c.dataset = "cifar100"
+  c.model = "resnet32"
+  c.optimizer = "unified_sam"
+  c.rho = 0.1
+  c.lambd = "1"
+  c.learning_rate = 0.05
+  c.schedule = "constant"
+  c.num_epochs = 200
+  return c

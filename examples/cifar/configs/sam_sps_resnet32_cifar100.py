@@ -9,16 +9,16 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "sam_sps_resnet32_cifar100"
-    c.dataset = "cifar100"
-    c.model = "resnet32"
-    c.optimizer = "sam_sps"
-    c.rho = 0.1
-    c.lambd = "1"
-    c.f_star = 0.0
-    c.gamma_b = 1.0
-    c.weight_decay = 5e-4
-    c.schedule = "constant"  # unused by sam_sps; γ_t is the schedule
-    c.num_epochs = 200
-    return c
+  c = default.get_config()
+  c.name = "sam_sps_resnet32_cifar100"
+  c.dataset = "cifar100"
+  c.model = "resnet32"
+  c.optimizer = "sam_sps"
+  c.rho = 0.1
+  c.lambd = "1"
+  c.f_star = 0.0
+  c.gamma_b = 1.0
+  c.weight_decay = 5e-4
+  c.schedule = "constant"  # unused by sam_sps; γ_t is the schedule
+  c.num_epochs = 200
+  return c

@@ -7,12 +7,12 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "sgd_wrn28_10"
-    c.dataset = "cifar10"
-    c.model = "wrn28_10"
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.schedule = "cosine"
-    c.num_epochs = 200
-    return c
+  c = default.get_config()
+  c.name = "sgd_wrn28_10"
+  c.dataset = "cifar10"
+  c.model = "wrn28_10"
+  c.optimizer = "sgd"
+  c.learning_rate = 0.1
+  c.schedule = "cosine"
+  c.num_epochs = 200
+  return c

@@ -10,14 +10,14 @@ from examples.cifar.configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.name = "unified_sam_wrn28_10"
-    c.dataset = "cifar10"
-    c.model = "wrn28_10"
-    c.optimizer = "unified_sam"
-    c.rho = 0.3
-    c.lambd = "1-1/t"
-    c.learning_rate = 0.1
-    c.schedule = "cosine"
-    c.num_epochs = 200
-    return c
+  c = default.get_config()
+  c.name = "unified_sam_wrn28_10"
+  c.dataset = "cifar10"
+  c.model = "wrn28_10"
+  c.optimizer = "unified_sam"
+  c.rho = 0.3
+  c.lambd = "1-1/t"
+  c.learning_rate = 0.1
+  c.schedule = "cosine"
+  c.num_epochs = 200
+  return c
