@@ -88,11 +88,9 @@ def make_train_step(loss_fn, tx, config, schedule, steps_per_epoch: int,
   if config.m_sharpness is not None:  # m-sharpness: one ascent per group of m examples
     groups = config.batch_size // config.m_sharpness
     sam_options = dict(ascent="local", groups=groups)
-  if not optimizer.two_pass:
-    step_fn = _one_pass_step(loss_fn, tx)
-  elif nnx_model is not None:
+  if nnx_model is not None and optimizer.two_pass:
     step_fn = _nnx_sam_step(*nnx_model, tx, **sam_options)
-  else:
+  else:  # SAM and SGD alike: sam_step drives a one-pass optimizer as a plain step
     step_fn = sam_optax.sam_step(loss_fn, tx, has_aux=True, jit=False, **sam_options)
   key = jax.random.key(config.seed + 1)
 
@@ -120,18 +118,6 @@ def make_train_step(loss_fn, tx, config, schedule, steps_per_epoch: int,
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
                  out_shardings=replicated, donate_argnums=0)
-
-
-def _one_pass_step(loss_fn, tx):
-  """Plain SGD with sam_step's call and metrics; goes when sam_step drives one-pass optimizers."""
-
-  def step(params, opt_state, batch, *args):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, *args)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return optax.apply_updates(params, updates), opt_state, metrics, aux
-
-  return step
 
 
 def make_nnx_loss_fn(config, mean, std, num_classes) -> Callable:
