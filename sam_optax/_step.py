@@ -323,6 +323,9 @@ def sam_step(
         params, opt_state, batch, *args
     )
 
+  # AOT and shape queries see the single-program (lax.cond) form.
+  dispatch.lower = compiled.lower
+  dispatch.eval_shape = compiled.eval_shape
   return dispatch
 
 
