@@ -13,7 +13,8 @@ mutable=["batch_stats"])``; the MLP has no batch norm and returns an empty
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -144,12 +145,12 @@ class ModelSpec:
 
 # `torch_reference.py` builds the same networks from these names.
 MODELS: dict[str, Callable[[], ModelSpec]] = {
-    "mlp": lambda: ModelSpec("mlp", MLP((512, 512)), (32, 32, 3), 128),
-    "resnet20": lambda: ModelSpec("resnet20", CifarResNet(3), (32, 32, 3), 128),
-    "wrn16_4": lambda: ModelSpec("wrn16_4", WideResNet(16, 4), (32, 32, 3), 64),
-    # For --quick and the tests: seconds to compile and run.
-    "tiny_mlp": lambda: ModelSpec("tiny_mlp", MLP((32,)), (8, 8, 1), 16),
-    "tiny_cnn": lambda: ModelSpec("tiny_cnn", SmallCNN((8, 16)), (16, 16, 3), 16),
+  "mlp": lambda: ModelSpec("mlp", MLP((512, 512)), (32, 32, 3), 128),
+  "resnet20": lambda: ModelSpec("resnet20", CifarResNet(3), (32, 32, 3), 128),
+  "wrn16_4": lambda: ModelSpec("wrn16_4", WideResNet(16, 4), (32, 32, 3), 64),
+  # For --quick and the tests: seconds to compile and run.
+  "tiny_mlp": lambda: ModelSpec("tiny_mlp", MLP((32,)), (8, 8, 1), 16),
+  "tiny_cnn": lambda: ModelSpec("tiny_cnn", SmallCNN((8, 16)), (16, 16, 3), 16),
 }
 
 
@@ -184,10 +185,10 @@ def make_problem(name: str, batch_size: int | None = None, seed: int = 0):
 
   def loss_fn(params: Any, batch: dict, batch_stats: Any):
     logits, updated = module.apply(
-        {"params": params, "batch_stats": batch_stats},
-        batch["image"],
-        train=True,
-        mutable=["batch_stats"],
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"],
+      train=True,
+      mutable=["batch_stats"],
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, updated.get("batch_stats", {})

@@ -9,7 +9,8 @@ donates its parameters and optimizer state, exactly as a user would run it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +97,13 @@ def hand_written_sam(loss_fn) -> Variant:
     return optax.apply_updates(params, updates), opt_state, new_batch_stats, loss
 
   return Variant(
-      "hand_written_sam", "hand-written SAM (two passes, jit)", 2, _jit(step), tx.init,
-      _plain_args, _plain_carry,
+    "hand_written_sam",
+    "hand-written SAM (two passes, jit)",
+    2,
+    _jit(step),
+    tx.init,
+    _plain_args,
+    _plain_carry,
   )
 
 
@@ -114,17 +120,23 @@ def hand_written_sam_sps(loss_fn) -> Variant:
     scale = RHO / (optax.tree.norm(grads) + 1e-12)
     delta = jax.tree.map(lambda g: scale * g, grads)
     (perturbed_loss, _), perturbed_grads = grad_fn(
-        optax.apply_updates(params, delta), batch, batch_stats)
+      optax.apply_updates(params, delta), batch, batch_stats
+    )
     ratio = (perturbed_loss - optax.tree.vdot(perturbed_grads, delta)) / jnp.maximum(
-        optax.tree.norm(perturbed_grads, squared=True), 1e-12)
+      optax.tree.norm(perturbed_grads, squared=True), 1e-12
+    )
     gamma = jnp.clip(ratio, 0.0, 1.0)
-    params = jax.tree.map(lambda x, g: x - gamma * (g + WEIGHT_DECAY * x), params,
-                          perturbed_grads)
+    params = jax.tree.map(lambda x, g: x - gamma * (g + WEIGHT_DECAY * x), params, perturbed_grads)
     return params, opt_state, new_batch_stats, loss
 
   return Variant(
-      "hand_written_sam_sps", "hand-written SAM-SPS (two passes, jit)", 2, _jit(step),
-      lambda params: (), _plain_args, _plain_carry,
+    "hand_written_sam_sps",
+    "hand-written SAM-SPS (two passes, jit)",
+    2,
+    _jit(step),
+    lambda params: (),
+    _plain_args,
+    _plain_carry,
   )
 
 
@@ -137,9 +149,14 @@ def microbatch_variants(loss_fn, ks=(1, 2, 4)) -> list[Variant]:
   """sam_step + unified_sam(λ=1) with ``microbatches=k`` (exact accumulation), for memory."""
   opt = lambda: sam_optax.unified_sam(base_optimizer(), rho=RHO, lambd=1.0)  # noqa: E731
   return [
-      sam_step(loss_fn, f"sam_step_microbatches_{k}", f"sam_step + SAM, microbatches={k}",
-               opt(), microbatches=k)
-      for k in ks
+    sam_step(
+      loss_fn,
+      f"sam_step_microbatches_{k}",
+      f"sam_step + SAM, microbatches={k}",
+      opt(),
+      microbatches=k,
+    )
+    for k in ks
   ]
 
 
@@ -160,8 +177,13 @@ def optax_contrib_sam_opaque(loss_fn) -> Variant:
     return optax.apply_updates(params, updates), opt_state, new_batch_stats, loss
 
   return Variant(
-      "optax_contrib_sam_opaque", "optax.contrib.sam, opaque_mode=True (one call)", 2,
-      _jit(step), tx.init, _plain_args, _plain_carry,
+    "optax_contrib_sam_opaque",
+    "optax.contrib.sam, opaque_mode=True (one call)",
+    2,
+    _jit(step),
+    tx.init,
+    _plain_args,
+    _plain_carry,
   )
 
 
@@ -178,8 +200,14 @@ def optax_contrib_sam_transparent(loss_fn) -> Variant:
   # Its state caches the parameters; a copy, or donating both would donate one buffer twice.
   init = lambda params: tx.init(jax.tree.map(jnp.copy, params))
   return Variant(
-      "optax_contrib_sam", "optax.contrib.sam, default mode (two calls)", 2, _jit(step),
-      init, _plain_args, _plain_carry, calls_per_step=2,
+    "optax_contrib_sam",
+    "optax.contrib.sam, default mode (two calls)",
+    2,
+    _jit(step),
+    init,
+    _plain_args,
+    _plain_carry,
+    calls_per_step=2,
   )
 
 
@@ -195,18 +223,20 @@ def all_variants(loss_fn, only: list[str] | None = None) -> list[Variant]:
   """
   u = lambda lambd: sam_optax.unified_sam(base_optimizer(), rho=RHO, lambd=lambd)
   variants = [
-      sgd(loss_fn),
-      hand_written_sam(loss_fn),
-      sam_step(loss_fn, "sam_step_unified_l1", "sam_step + unified_sam(λ=1) (SAM)", u(1.0)),
-      sam_step(loss_fn, "sam_step_unified_l0", "sam_step + unified_sam(λ=0) (USAM)", u(0.0)),
-      sam_step(loss_fn, "sam_step_unified_1-1/t", 'sam_step + unified_sam(λ="1-1/t")', u("1-1/t")),
-      hand_written_sam_sps(loss_fn),
-      sam_step(
-          loss_fn, "sam_step_sam_sps", "sam_step + sam_sps(λ=1)",
-          sam_optax.sam_sps(rho=RHO, lambd=1.0, gamma_b=1.0, weight_decay=WEIGHT_DECAY),
-      ),
-      optax_contrib_sam_opaque(loss_fn),
-      optax_contrib_sam_transparent(loss_fn),
+    sgd(loss_fn),
+    hand_written_sam(loss_fn),
+    sam_step(loss_fn, "sam_step_unified_l1", "sam_step + unified_sam(λ=1) (SAM)", u(1.0)),
+    sam_step(loss_fn, "sam_step_unified_l0", "sam_step + unified_sam(λ=0) (USAM)", u(0.0)),
+    sam_step(loss_fn, "sam_step_unified_1-1/t", 'sam_step + unified_sam(λ="1-1/t")', u("1-1/t")),
+    hand_written_sam_sps(loss_fn),
+    sam_step(
+      loss_fn,
+      "sam_step_sam_sps",
+      "sam_step + sam_sps(λ=1)",
+      sam_optax.sam_sps(rho=RHO, lambd=1.0, gamma_b=1.0, weight_decay=WEIGHT_DECAY),
+    ),
+    optax_contrib_sam_opaque(loss_fn),
+    optax_contrib_sam_transparent(loss_fn),
   ]
   if only is None:
     return variants

@@ -19,13 +19,18 @@ def main(repeats: int = 5) -> dict:
   w = jnp.ones((3, 3, 32, 32)) * 0.01
 
   def loss(w, x):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jnp.sum(y**2)
 
   grad = jax.grad(loss)
   variants = {
-      "top level": (jax.jit(grad), (w, x)),
-      "inside lax.cond": (jax.jit(lambda w, x, p: jax.lax.cond(p, grad, lambda w, x: jnp.zeros_like(w), w, x)), (w, x, True)),
+    "top level": (jax.jit(grad), (w, x)),
+    "inside lax.cond": (
+      jax.jit(lambda w, x, p: jax.lax.cond(p, grad, lambda w, x: jnp.zeros_like(w), w, x)),
+      (w, x, True),
+    ),
   }
   times = {name: [] for name in variants}
   for fn, args in variants.values():
@@ -38,7 +43,9 @@ def main(repeats: int = 5) -> dict:
   result = {name: statistics.median(t) for name, t in times.items()}
   print(f"device: {jax.devices()[0].device_kind}")
   for name, ms in result.items():
-    print(f"{name:16s} median {ms:8.2f} ms  (min {min(times[name]):.2f}, max {max(times[name]):.2f})")
+    print(
+      f"{name:16s} median {ms:8.2f} ms  (min {min(times[name]):.2f}, max {max(times[name]):.2f})"
+    )
   print(f"ratio cond / top level: {result['inside lax.cond'] / result['top level']:.1f}x")
   return result
 

@@ -35,25 +35,38 @@ import numpy as np
 
 from benchmarks import _models
 from benchmarks import _steps
-from benchmarks.step_time import RESULTS, TorchWorker, environment, summary, torch_python_default
+from benchmarks.step_time import RESULTS
+from benchmarks.step_time import TorchWorker
+from benchmarks.step_time import environment
+from benchmarks.step_time import summary
+from benchmarks.step_time import torch_python_default
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-_YNN_ALL = ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in
-                    ("INDIVIDUAL_CONVOLUTION", "ELTWISE", "REDUCE", "DOT"))
+_YNN_ALL = ",".join(
+  f"LIBRARY_FUSION_TYPE_{t}" for t in ("INDIVIDUAL_CONVOLUTION", "ELTWISE", "REDUCE", "DOT")
+)
 
 # name -> (description, compiler options, the same as XLA_FLAGS)
 CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "default": ("XLA default (YNNPACK convolutions)", {}, ""),
-    "eigen_conv": ("Eigen convolutions", {_YNN: ""}, f"--{_YNN}="),
-    # YNNPACK is slow on the canonicalized weight-gradient convolutions (issue 16,
-    # benchmarks/xla_cpu_transpose_repro.py) but keeps the batch-norm reductions fast.
-    "eigen_conv_ynn_reduce": ("Eigen convolutions, YNNPACK reductions",
-                              {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"},
-                              f"--{_YNN}=LIBRARY_FUSION_TYPE_REDUCE"),
-    "ynn_fusions": ("YNNPACK convolutions, elementwise, reductions and dots",
-                    {_YNN: _YNN_ALL}, f"--{_YNN}={_YNN_ALL}"),
-    "fast_math": ("default + fast math (reassociates, approximates: not like-for-like)",
-                  {"xla_cpu_enable_fast_math": True}, "--xla_cpu_enable_fast_math=true"),
+  "default": ("XLA default (YNNPACK convolutions)", {}, ""),
+  "eigen_conv": ("Eigen convolutions", {_YNN: ""}, f"--{_YNN}="),
+  # YNNPACK is slow on the canonicalized weight-gradient convolutions (issue 16,
+  # benchmarks/xla_cpu_transpose_repro.py) but keeps the batch-norm reductions fast.
+  "eigen_conv_ynn_reduce": (
+    "Eigen convolutions, YNNPACK reductions",
+    {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"},
+    f"--{_YNN}=LIBRARY_FUSION_TYPE_REDUCE",
+  ),
+  "ynn_fusions": (
+    "YNNPACK convolutions, elementwise, reductions and dots",
+    {_YNN: _YNN_ALL},
+    f"--{_YNN}={_YNN_ALL}",
+  ),
+  "fast_math": (
+    "default + fast math (reassociates, approximates: not like-for-like)",
+    {"xla_cpu_enable_fast_math": True},
+    "--xla_cpu_enable_fast_math=true",
+  ),
 }
 
 
@@ -61,7 +74,7 @@ def _interleave(runners: dict[str, Any], rounds: int) -> dict[str, list[float]]:
   names = list(runners)
   samples = {n: [] for n in names}
   for r in range(rounds):
-    for n in names[r % len(names):] + names[: r % len(names)]:
+    for n in names[r % len(names) :] + names[: r % len(names)]:
       samples[n].append(runners[n]())
   return samples
 
@@ -72,11 +85,17 @@ def conv_parts(batch: int, size: int, channels: int, rounds: int, worker, thread
   for layout in ("NHWC", "NCHW"):
     for dtype in (jnp.float32, jnp.bfloat16):
       if layout == "NHWC":
-        xs, ws, dn = (batch, size, size, channels), (3, 3, channels, channels), (
-            "NHWC", "HWIO", "NHWC")
+        xs, ws, dn = (
+          (batch, size, size, channels),
+          (3, 3, channels, channels),
+          ("NHWC", "HWIO", "NHWC"),
+        )
       else:
-        xs, ws, dn = (batch, channels, size, size), (channels, channels, 3, 3), (
-            "NCHW", "OIHW", "NCHW")
+        xs, ws, dn = (
+          (batch, channels, size, size),
+          (channels, channels, 3, 3),
+          ("NCHW", "OIHW", "NCHW"),
+        )
       kx, kw = jax.random.split(jax.random.key(0))
       x = jax.random.normal(kx, xs, dtype)
       w = jax.random.normal(kw, ws, dtype)
@@ -86,16 +105,16 @@ def conv_parts(batch: int, size: int, channels: int, rounds: int, worker, thread
 
       dy = conv(x, w)
       parts = {
-          "fwd": (conv, (x, w)),
-          "dx": (lambda dy, w, conv=conv, x=x: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
-                 (dy, w)),
-          "dw": (lambda dy, x, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0],
-                 (dy, x)),
+        "fwd": (conv, (x, w)),
+        "dx": (lambda dy, w, conv=conv, x=x: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0], (dy, w)),
+        "dw": (lambda dy, x, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0], (dy, x)),
       }
       for cfg in ("default", "eigen_conv"):
         key = f"jax {layout} {jnp.dtype(dtype).name} {cfg}"
-        compiled = {p: jax.jit(f).lower(*a).compile(compiler_options=CONFIGS[cfg][1])
-                    for p, (f, a) in parts.items()}
+        compiled = {
+          p: jax.jit(f).lower(*a).compile(compiler_options=CONFIGS[cfg][1])
+          for p, (f, a) in parts.items()
+        }
 
         def run(compiled=compiled, parts=parts):
           out = {}
@@ -107,23 +126,38 @@ def conv_parts(batch: int, size: int, channels: int, rounds: int, worker, thread
           return out
 
         runners[key] = run
-        meta[key] = {"framework": "jax", "layout": layout, "dtype": jnp.dtype(dtype).name,
-                     "config": cfg}
+        meta[key] = {
+          "framework": "jax",
+          "layout": layout,
+          "dtype": jnp.dtype(dtype).name,
+          "config": cfg,
+        }
   if worker is not None:
     for th in sorted({1, threads}):
       for layout in ("NCHW", "NHWC"):
         for dtype in ("float32", "bfloat16"):
           key = f"torch {layout} {dtype} {th} thread{'s' if th > 1 else ''}"
           runners[key] = lambda th=th, layout=layout, dtype=dtype: worker.ask(
-              cmd="conv", batch=batch, size=size, channels=channels, layout=layout,
-              dtype=dtype, threads=th)
+            cmd="conv",
+            batch=batch,
+            size=size,
+            channels=channels,
+            layout=layout,
+            dtype=dtype,
+            threads=th,
+          )
           meta[key] = {"framework": "torch", "layout": layout, "dtype": dtype, "threads": th}
   log(f"[conv] {len(runners)} variants, {rounds} rounds")
   raw = _interleave(runners, rounds)
   rows = []
   for key, samples in raw.items():
-    rows.append({"name": key, **meta[key], **{
-        p: summary([s[p] for s in samples]) for p in ("fwd", "dx", "dw")}})
+    rows.append(
+      {
+        "name": key,
+        **meta[key],
+        **{p: summary([s[p] for s in samples]) for p in ("fwd", "dx", "dw")},
+      }
+    )
   return {"batch": batch, "size": size, "channels": channels, "rounds": rounds, "rows": rows}
 
 
@@ -144,28 +178,45 @@ def model_step(name: str, batch_size: int | None, rounds: int, worker, threads: 
 
     def run(compiled=compiled, holder=holder):
       start = time.perf_counter()
-      holder["state"] = jax.block_until_ready(
-          v.carry(compiled(*v.args(holder["state"], batch))))
+      holder["state"] = jax.block_until_ready(v.carry(compiled(*v.args(holder["state"], batch))))
       return time.perf_counter() - start
 
     runners[cfg] = run
-    rows[cfg] = {"name": cfg, "framework": "jax", "label": label, "xla_flags": flags,
-                 "compile_s": compile_s}
+    rows[cfg] = {
+      "name": cfg,
+      "framework": "jax",
+      "label": label,
+      "xla_flags": flags,
+      "compile_s": compile_s,
+    }
   for cfg in CONFIGS:  # how far one step moves the parameters away from the default's
     diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), first[cfg], first["default"])
     rows[cfg]["max_param_diff_after_one_step"] = max(jax.tree.leaves(diff))
   if worker is not None:
-    info = worker.ask(cmd="setup", model=name, batch_size=spec.batch_size, threads=threads,
-                      lr=_steps.LR, momentum=_steps.MOMENTUM, weight_decay=_steps.WEIGHT_DECAY,
-                      rho=_steps.RHO)
+    info = worker.ask(
+      cmd="setup",
+      model=name,
+      batch_size=spec.batch_size,
+      threads=threads,
+      lr=_steps.LR,
+      momentum=_steps.MOMENTUM,
+      weight_decay=_steps.WEIGHT_DECAY,
+      rho=_steps.RHO,
+    )
     if info["params"] != _models.param_count(params):
       raise RuntimeError(f"[{name}] PyTorch and Flax networks differ in size.")
     for th in sorted({1, threads}):
       key = f"torch_sgd_{th}_threads"
-      runners[key] = lambda th=th: worker.ask(cmd="time", variant="torch_sgd", steps=1,
-                                              threads=th)["seconds"]
-      rows[key] = {"name": key, "framework": "torch", "label": f"PyTorch SGD, {th} thread{'s' if th > 1 else ''}",
-                   "xla_flags": "", "threads": th}
+      runners[key] = lambda th=th: worker.ask(cmd="time", variant="torch_sgd", steps=1, threads=th)[
+        "seconds"
+      ]
+      rows[key] = {
+        "name": key,
+        "framework": "torch",
+        "label": f"PyTorch SGD, {th} thread{'s' if th > 1 else ''}",
+        "xla_flags": "",
+        "threads": th,
+      }
   log(f"[{name}] {len(runners)} variants, {rounds} rounds")
   raw = _interleave(runners, rounds)
   torch_key = "torch_sgd_1_threads" if "torch_sgd_1_threads" in raw else None
@@ -174,9 +225,15 @@ def model_step(name: str, batch_size: int | None, rounds: int, worker, threads: 
     rows[key]["ratio_to_default"] = summary([a / b for a, b in zip(samples, raw["default"])])
     if torch_key:  # per-round ratio to PyTorch's SGD step on one thread, measured alongside
       rows[key]["ratio_to_torch_1_thread"] = summary(
-          [a / b for a, b in zip(samples, raw[torch_key])])
-  return {"model": name, "params": _models.param_count(params), "batch_size": spec.batch_size,
-          "rounds": rounds, "rows": list(rows.values())}
+        [a / b for a, b in zip(samples, raw[torch_key])]
+      )
+  return {
+    "model": name,
+    "params": _models.param_count(params),
+    "batch_size": spec.batch_size,
+    "rounds": rounds,
+    "rows": list(rows.values()),
+  }
 
 
 def profile_step(name: str, batch_size: int | None, log) -> dict[str, Any]:
@@ -208,62 +265,71 @@ def profile_step(name: str, batch_size: int | None, log) -> dict[str, Any]:
       kinds[re.sub(r"\.\d+$", "", e["name"])] += e.get("dur", 0) / 1e6 / steps
   total = sum(kinds.values())
   log(f"[profile {name}] {1e3 * total:.0f} ms of thunks per step")
-  return {"model": name, "batch_size": spec.batch_size, "thunk_seconds_per_step": total,
-          "by_kind": [{"kind": k, "seconds": s, "share": s / total}
-                      for k, s in kinds.most_common(12)]}
+  return {
+    "model": name,
+    "batch_size": spec.batch_size,
+    "thunk_seconds_per_step": total,
+    "by_kind": [{"kind": k, "seconds": s, "share": s / total} for k, s in kinds.most_common(12)],
+  }
 
 
 def markdown(result: dict[str, Any]) -> str:
   env = result["environment"]
   c = result["conv"]
   lines = [
-      f"Device: {env['device']}, {env['cpu_cores']} cores; jax {env['jax']}. Load average "
-      f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end: the "
-      "machine is shared, so the minimum (least disturbed sample) is given next to the median.",
-      "",
-      f"Command: `{result['command']}`",
-      "",
-      f"**One 3×3 convolution**, batch {c['batch']}, {c['size']}×{c['size']}, "
-      f"{c['channels']}→{c['channels']} channels: ms, min / median of {c['rounds']} rounds.",
-      "",
-      "| implementation | forward | input gradient | weight gradient |",
-      "|---|---:|---:|---:|",
+    f"Device: {env['device']}, {env['cpu_cores']} cores; jax {env['jax']}. Load average "
+    f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end: the "
+    "machine is shared, so the minimum (least disturbed sample) is given next to the median.",
+    "",
+    f"Command: `{result['command']}`",
+    "",
+    f"**One 3×3 convolution**, batch {c['batch']}, {c['size']}×{c['size']}, "
+    f"{c['channels']}→{c['channels']} channels: ms, min / median of {c['rounds']} rounds.",
+    "",
+    "| implementation | forward | input gradient | weight gradient |",
+    "|---|---:|---:|---:|",
   ]
   for r in c["rows"]:
-    lines.append(f"| {r['name']} | " + " | ".join(
-        f"{1e3 * r[p]['min']:.2f} / {1e3 * r[p]['median']:.2f}" for p in ("fwd", "dx", "dw"))
-        + " |")
+    lines.append(
+      f"| {r['name']} | "
+      + " | ".join(
+        f"{1e3 * r[p]['min']:.2f} / {1e3 * r[p]['median']:.2f}" for p in ("fwd", "dx", "dw")
+      )
+      + " |"
+    )
   m = result["model"]
   lines += [
-      "",
-      f"**SGD step of {m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, "
-      f"float32): ms, min / median of {m['rounds']} rounds; ratio to the XLA default "
-      "(median of per-round ratios); largest parameter difference from the default "
-      "after one step; ratio to PyTorch's SGD step on one thread (median of per-round "
-      "ratios, `-` without PyTorch).",
-      "",
-      "| configuration | `XLA_FLAGS` | ms / step | × default | × PyTorch 1 thread "
-      "| max param diff |",
-      "|---|---|---:|---:|---:|---:|",
+    "",
+    f"**SGD step of {m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, "
+    f"float32): ms, min / median of {m['rounds']} rounds; ratio to the XLA default "
+    "(median of per-round ratios); largest parameter difference from the default "
+    "after one step; ratio to PyTorch's SGD step on one thread (median of per-round "
+    "ratios, `-` without PyTorch).",
+    "",
+    "| configuration | `XLA_FLAGS` | ms / step | × default | × PyTorch 1 thread | max param diff |",
+    "|---|---|---:|---:|---:|---:|",
   ]
   for r in m["rows"]:
     diff = r.get("max_param_diff_after_one_step")
     vs_torch = r.get("ratio_to_torch_1_thread")
     lines.append(
-        f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.4g} / "
-        f"{1e3 * r['seconds']['median']:.4g} | {r['ratio_to_default']['median']:.2f} | "
-        + ("-" if vs_torch is None else f"{vs_torch['median']:.2f}") + " | "
-        + ("-" if diff is None else f"{diff:.1e}") + " |")
+      f"| {r['label']} | `{r['xla_flags'] or '-'}` | {1e3 * r['seconds']['min']:.4g} / "
+      f"{1e3 * r['seconds']['median']:.4g} | {r['ratio_to_default']['median']:.2f} | "
+      + ("-" if vs_torch is None else f"{vs_torch['median']:.2f}")
+      + " | "
+      + ("-" if diff is None else f"{diff:.1e}")
+      + " |"
+    )
   if result.get("profile"):
     p = result["profile"]
     lines += [
-        "",
-        f"**Where the XLA default spends {p['model']}'s SGD step** (jax.profiler, "
-        f"{1e3 * p['thunk_seconds_per_step']:.0f} ms of XLA thunks per step; the twelve "
-        "largest kinds):",
-        "",
-        "| HLO kind | ms / step | share |",
-        "|---|---:|---:|",
+      "",
+      f"**Where the XLA default spends {p['model']}'s SGD step** (jax.profiler, "
+      f"{1e3 * p['thunk_seconds_per_step']:.0f} ms of XLA thunks per step; the twelve "
+      "largest kinds):",
+      "",
+      "| HLO kind | ms / step | share |",
+      "|---|---:|---:|",
     ]
     for k in p["by_kind"]:
       lines.append(f"| `{k['kind']}` | {1e3 * k['seconds']:.1f} | {100 * k['share']:.0f}% |")
@@ -278,23 +344,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--threads", type=int, default=None)
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--out", default=None)
-  parser.add_argument("--no-profile", action="store_true",
-                      help="skip the per-kind profile of the default SGD step")
+  parser.add_argument(
+    "--no-profile", action="store_true", help="skip the per-kind profile of the default SGD step"
+  )
   args = parser.parse_args(argv)
   model = args.model or ("tiny_cnn" if args.quick else "resnet20")
   rounds = args.rounds or (5 if args.quick else 10)
   threads = args.threads or len(os.sched_getaffinity(0))
-  torch_python = (None if args.torch_python == "none"
-                  else args.torch_python or torch_python_default())
-  out = pathlib.Path(args.out) if args.out else RESULTS / (
-      "cpu_conv_quick" if args.quick else "cpu_conv")
+  torch_python = (
+    None if args.torch_python == "none" else args.torch_python or torch_python_default()
+  )
+  out = (
+    pathlib.Path(args.out)
+    if args.out
+    else RESULTS / ("cpu_conv_quick" if args.quick else "cpu_conv")
+  )
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   result = {
-      "schema_version": 1,
-      "benchmark": "cpu_conv",
-      "command": "python -m benchmarks.cpu_conv " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "environment": environment(threads, torch_python),
+    "schema_version": 1,
+    "benchmark": "cpu_conv",
+    "command": "python -m benchmarks.cpu_conv " + " ".join(sys.argv[1:] if argv is None else argv),
+    "environment": environment(threads, torch_python),
   }
   worker = TorchWorker(torch_python) if torch_python else None
   try:

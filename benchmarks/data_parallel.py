@@ -27,16 +27,16 @@ import sys
 import time
 
 DEVICES = 8
-if __name__ == "__main__":   # must precede the jax import
+if __name__ == "__main__":  # must precede the jax import
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
   ).strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sam_optax  # noqa: E402
@@ -52,15 +52,17 @@ def loss_fn(params, batch):
 def make(features, hidden, classes, batch_size, seed=0):
   rng = np.random.default_rng(seed)
   params = {
-      "w1": rng.normal(size=(features, hidden)) / np.sqrt(features),
-      "b1": np.zeros(hidden),
-      "w2": rng.normal(size=(hidden, hidden)) / np.sqrt(hidden),
-      "b2": np.zeros(hidden),
-      "w3": rng.normal(size=(hidden, classes)) / np.sqrt(hidden),
+    "w1": rng.normal(size=(features, hidden)) / np.sqrt(features),
+    "b1": np.zeros(hidden),
+    "w2": rng.normal(size=(hidden, hidden)) / np.sqrt(hidden),
+    "b2": np.zeros(hidden),
+    "w3": rng.normal(size=(hidden, classes)) / np.sqrt(hidden),
   }
   params = {k: v.astype(np.float32) for k, v in params.items()}
-  batch = {"x": rng.normal(size=(batch_size, features)).astype(np.float32),
-           "y": rng.integers(0, classes, size=batch_size).astype(np.int32)}
+  batch = {
+    "x": rng.normal(size=(batch_size, features)).astype(np.float32),
+    "y": rng.integers(0, classes, size=batch_size).astype(np.int32),
+  }
   return params, batch
 
 
@@ -89,32 +91,41 @@ def main(argv=None) -> int:
     return place(jax.tree.map(np.array, (params, opt.init(params))))
 
   modes = {
-      "1 device": (
-          sam_optax.sam_step(loss_fn, opt),
-          lambda: fresh(lambda t: jax.device_put(t, dev0)),
-          jax.device_put(batch, dev0)),
-      f"jit, {DEVICES} devices": (
-          sam_optax.sam_step(loss_fn, opt),
-          lambda: fresh(lambda t: jax.device_put(t, NamedSharding(mesh, P()))),
-          sam_optax.global_batch(batch, mesh)),
-      f"pmap, {DEVICES} devices": (
-          jax.pmap(sam_optax.sam_step(loss_fn, opt, axis_name="b"), axis_name="b",
-                   donate_argnums=(0, 1)),
-          lambda: fresh(sam_optax.replicate),
-          _pmap_batch(sam_optax.shard_batch(batch))),
-      f"pmap local, {DEVICES} devices": (
-          jax.pmap(sam_optax.sam_step(loss_fn, opt, axis_name="b", ascent="local"),
-                   axis_name="b", donate_argnums=(0, 1)),
-          lambda: fresh(sam_optax.replicate),
-          _pmap_batch(sam_optax.shard_batch(batch))),
-      f"1 device groups={DEVICES}": (
-          sam_optax.sam_step(loss_fn, opt, ascent="local", groups=DEVICES),
-          lambda: fresh(lambda t: jax.device_put(t, dev0)),
-          jax.device_put(batch, dev0)),
+    "1 device": (
+      sam_optax.sam_step(loss_fn, opt),
+      lambda: fresh(lambda t: jax.device_put(t, dev0)),
+      jax.device_put(batch, dev0),
+    ),
+    f"jit, {DEVICES} devices": (
+      sam_optax.sam_step(loss_fn, opt),
+      lambda: fresh(lambda t: jax.device_put(t, NamedSharding(mesh, P()))),
+      sam_optax.global_batch(batch, mesh),
+    ),
+    f"pmap, {DEVICES} devices": (
+      jax.pmap(
+        sam_optax.sam_step(loss_fn, opt, axis_name="b"), axis_name="b", donate_argnums=(0, 1)
+      ),
+      lambda: fresh(sam_optax.replicate),
+      _pmap_batch(sam_optax.shard_batch(batch)),
+    ),
+    f"pmap local, {DEVICES} devices": (
+      jax.pmap(
+        sam_optax.sam_step(loss_fn, opt, axis_name="b", ascent="local"),
+        axis_name="b",
+        donate_argnums=(0, 1),
+      ),
+      lambda: fresh(sam_optax.replicate),
+      _pmap_batch(sam_optax.shard_batch(batch)),
+    ),
+    f"1 device groups={DEVICES}": (
+      sam_optax.sam_step(loss_fn, opt, ascent="local", groups=DEVICES),
+      lambda: fresh(lambda t: jax.device_put(t, dev0)),
+      jax.device_put(batch, dev0),
+    ),
   }
 
   state = {}
-  for name, (step, init, data) in modes.items():   # warm-up: compile + one step, untimed
+  for name, (step, init, data) in modes.items():  # warm-up: compile + one step, untimed
     p, s = init()
     p, s, m = step(p, s, data)
     jax.block_until_ready((p, s, m))
@@ -135,20 +146,37 @@ def main(argv=None) -> int:
   rows = []
   for name, ts in times.items():
     med = statistics.median(ts)
-    rows.append({"mode": name, "median_ms": 1e3 * med, "min_ms": 1e3 * min(ts),
-                 "max_ms": 1e3 * max(ts), "speedup_vs_1_device": base / med})
+    rows.append(
+      {
+        "mode": name,
+        "median_ms": 1e3 * med,
+        "min_ms": 1e3 * min(ts),
+        "max_ms": 1e3 * max(ts),
+        "speedup_vs_1_device": base / med,
+      }
+    )
   report = {
-      "command": "python benchmarks/data_parallel.py" + (" --quick" if args.quick else ""),
-      "devices": f"{DEVICES} x {jax.devices()[0].platform} (forced), host cores: {os.cpu_count()}",
-      "jax": jax.__version__, "model": shape, "repeats": repeats, "steps_per_repeat": steps,
-      "rows": rows,
+    "command": "python benchmarks/data_parallel.py" + (" --quick" if args.quick else ""),
+    "devices": f"{DEVICES} x {jax.devices()[0].platform} (forced), host cores: {os.cpu_count()}",
+    "jax": jax.__version__,
+    "model": shape,
+    "repeats": repeats,
+    "steps_per_repeat": steps,
+    "rows": rows,
   }
-  table = ["| mode | median ms/step | min–max ms | speed-up vs 1 device |",
-           "| --- | --- | --- | --- |"]
-  table += [f"| {r['mode']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}–{r['max_ms']:.2f} | "
-            f"{r['speedup_vs_1_device']:.2f}× |" for r in rows]
-  header = (f"`{report['command']}` — {report['devices']}, jax {jax.__version__}, "
-            f"MLP {shape}, median of {repeats} repeats × {steps} steps")
+  table = [
+    "| mode | median ms/step | min–max ms | speed-up vs 1 device |",
+    "| --- | --- | --- | --- |",
+  ]
+  table += [
+    f"| {r['mode']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}–{r['max_ms']:.2f} | "
+    f"{r['speedup_vs_1_device']:.2f}× |"
+    for r in rows
+  ]
+  header = (
+    f"`{report['command']}` — {report['devices']}, jax {jax.__version__}, "
+    f"MLP {shape}, median of {repeats} repeats × {steps} steps"
+  )
   pathlib.Path(args.out + ".json").write_text(json.dumps(report, indent=2))
   pathlib.Path(args.out + ".md").write_text(header + "\n\n" + "\n".join(table) + "\n")
   print(header)

@@ -31,7 +31,10 @@ import jax
 
 from benchmarks import _models
 from benchmarks import _steps
-from benchmarks.step_time import FULL_MODELS, QUICK_MODELS, RESULTS, environment
+from benchmarks.step_time import FULL_MODELS
+from benchmarks.step_time import QUICK_MODELS
+from benchmarks.step_time import RESULTS
+from benchmarks.step_time import environment
 
 SCHEMA_VERSION = 1
 
@@ -41,13 +44,14 @@ def analyse(variant: _steps.Variant, params, batch_stats, batch) -> dict[str, in
   compiled = variant.jitted.lower(*variant.args(state, batch)).compile()
   m = compiled.memory_analysis()
   out = {
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
   }
-  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                       + out["temp_bytes"])
+  out["peak_bytes"] = (
+    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  )
   xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
   if xla_peak:
     out["xla_peak_memory_bytes"] = xla_peak
@@ -55,7 +59,7 @@ def analyse(variant: _steps.Variant, params, batch_stats, batch) -> dict[str, in
 
 
 def bench_model(
-    name: str, batch_size: int | None, log, only: list[str] | None = None
+  name: str, batch_size: int | None, log, only: list[str] | None = None
 ) -> dict[str, Any]:
   spec, params, batch_stats, batch, loss_fn = _models.make_problem(name, batch_size)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -73,105 +77,110 @@ def bench_model(
     if v["name"].startswith("sam_step"):
       floor = _steps.FLOOR.get(v["name"], "hand_written_sam")
       ratio = v["peak_bytes"] / by_name[floor]["peak_bytes"]
-      checks.append({"target": f"{v['name']} peak <= 1.05 x {floor}", "value": ratio,
-                     "met": ratio <= 1.05})
+      checks.append(
+        {"target": f"{v['name']} peak <= 1.05 x {floor}", "value": ratio, "met": ratio <= 1.05}
+      )
   micro = [
-      {"name": v.name, "label": v.label, **analyse(v, params, batch_stats, batch)}
-      for v in _steps.microbatch_variants(loss_fn)
+    {"name": v.name, "label": v.label, **analyse(v, params, batch_stats, batch)}
+    for v in _steps.microbatch_variants(loss_fn)
   ]
   for v in micro:
     v["temp_ratio_to_k1"] = v["temp_bytes"] / micro[0]["temp_bytes"]
     log(f"[{name}] {v['name']}: temporaries {v['temp_bytes'] / 2**20:.2f} MiB")
   return {
-      "model": name,
-      "params": _models.param_count(params),
-      "microbatches": micro,
-      "param_bytes": int(param_bytes),
-      "batch_size": spec.batch_size,
-      "dtype": "float32",
-      "variants": variants,
-      "checks": checks,
+    "model": name,
+    "params": _models.param_count(params),
+    "microbatches": micro,
+    "param_bytes": int(param_bytes),
+    "batch_size": spec.batch_size,
+    "dtype": "float32",
+    "variants": variants,
+    "checks": checks,
   }
 
 
 def markdown(result: dict[str, Any]) -> str:
   env = result["environment"]
   lines = [
-      f"Device: {env['device']}; jax {env['jax']}. XLA's compiled memory analysis of one "
-      "jit-compiled step (parameters and optimizer state donated); peak = arguments + "
-      "outputs − aliased + temporaries.",
-      "",
-      f"Command: `{result['command']}`",
-      "",
+    f"Device: {env['device']}; jax {env['jax']}. XLA's compiled memory analysis of one "
+    "jit-compiled step (parameters and optimizer state donated); peak = arguments + "
+    "outputs − aliased + temporaries.",
+    "",
+    f"Command: `{result['command']}`",
+    "",
   ]
   for m in result["models"]:
     lines += [
-        f"**{m['model']}** ({m['params']:,} parameters = {m['param_bytes'] / 2**20:.2f} MiB, "
-        f"batch {m['batch_size']}, {m['dtype']})",
-        "",
-        "| variant | arguments MiB | temporaries MiB | peak MiB | × hand-written SAM "
-        "| extra over SGD (× parameter size) |",
-        "|---|---:|---:|---:|---:|---:|",
+      f"**{m['model']}** ({m['params']:,} parameters = {m['param_bytes'] / 2**20:.2f} MiB, "
+      f"batch {m['batch_size']}, {m['dtype']})",
+      "",
+      "| variant | arguments MiB | temporaries MiB | peak MiB | × hand-written SAM "
+      "| extra over SGD (× parameter size) |",
+      "|---|---:|---:|---:|---:|---:|",
     ]
     for v in m["variants"]:
       lines.append(
-          f"| {v['label']} | {v['argument_bytes'] / 2**20:.2f} | {v['temp_bytes'] / 2**20:.2f} | "
-          f"{v['peak_bytes'] / 2**20:.2f} | {v['ratio_to_hand_written']:.3f} | "
-          f"{v['extra_over_sgd_in_params']:+.2f} |"
+        f"| {v['label']} | {v['argument_bytes'] / 2**20:.2f} | {v['temp_bytes'] / 2**20:.2f} | "
+        f"{v['peak_bytes'] / 2**20:.2f} | {v['ratio_to_hand_written']:.3f} | "
+        f"{v['extra_over_sgd_in_params']:+.2f} |"
       )
     lines.append("")
     if m.get("microbatches"):
       lines += [
-          f"`sam_step(..., microbatches=k)` on {m['model']} (exact accumulation; the "
-          "temporaries hold the activations of one micro-batch):",
-          "",
-          "| k | temporaries MiB | × k = 1 | peak MiB |",
-          "|---:|---:|---:|---:|",
+        f"`sam_step(..., microbatches=k)` on {m['model']} (exact accumulation; the "
+        "temporaries hold the activations of one micro-batch):",
+        "",
+        "| k | temporaries MiB | × k = 1 | peak MiB |",
+        "|---:|---:|---:|---:|",
       ]
       for v in m["microbatches"]:
         lines.append(
-            f"| {v['name'].rsplit('_', 1)[1]} | {v['temp_bytes'] / 2**20:.2f} | "
-            f"{v['temp_ratio_to_k1']:.2f} | {v['peak_bytes'] / 2**20:.2f} |"
+          f"| {v['name'].rsplit('_', 1)[1]} | {v['temp_bytes'] / 2**20:.2f} | "
+          f"{v['temp_ratio_to_k1']:.2f} | {v['peak_bytes'] / 2**20:.2f} |"
         )
       lines.append("")
   lines += ["Targets:", ""]
   for m in result["models"]:
     for c in m["checks"]:
-      lines.append(f"- {m['model']}: `{c['target']}`: {c['value']:.3f} — "
-                   f"{'met' if c['met'] else '**missed**'}")
+      lines.append(
+        f"- {m['model']}: `{c['target']}`: {c['value']:.3f} — {'met' if c['met'] else '**missed**'}"
+      )
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="the tiny models only")
-  parser.add_argument("--models", default=None,
-                      help=f"comma-separated, from {sorted(_models.MODELS)}")
-  parser.add_argument("--variants", default=None,
-                      help="comma-separated subset of the JAX variants (sgd and "
-                      "hand_written_sam are always run)")
+  parser.add_argument(
+    "--models", default=None, help=f"comma-separated, from {sorted(_models.MODELS)}"
+  )
+  parser.add_argument(
+    "--variants",
+    default=None,
+    help="comma-separated subset of the JAX variants (sgd and hand_written_sam are always run)",
+  )
   parser.add_argument("--batch-size", type=int, default=None)
   parser.add_argument("--out", default=None, help="output path without extension")
   args = parser.parse_args(argv)
-  models = (args.models.split(",") if args.models
-            else list(QUICK_MODELS if args.quick else FULL_MODELS))
+  models = (
+    args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else FULL_MODELS)
+  )
   for m in models:
     if m not in _models.MODELS:
       parser.error(f"--models: unknown model {m!r}; choose from {sorted(_models.MODELS)}")
-  out = pathlib.Path(args.out) if args.out else RESULTS / ("memory_quick" if args.quick
-                                                          else "memory")
+  out = (
+    pathlib.Path(args.out) if args.out else RESULTS / ("memory_quick" if args.quick else "memory")
+  )
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   result = {
-      "schema_version": SCHEMA_VERSION,
-      "benchmark": "memory",
-      "command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None
-                                                           else argv),
-      "environment": environment(threads=0, torch_python=None),
-      "models": [
-          bench_model(m, args.batch_size, log, args.variants.split(",") if args.variants
-                      else None)
-          for m in models
-      ],
+    "schema_version": SCHEMA_VERSION,
+    "benchmark": "memory",
+    "command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None else argv),
+    "environment": environment(threads=0, torch_python=None),
+    "models": [
+      bench_model(m, args.batch_size, log, args.variants.split(",") if args.variants else None)
+      for m in models
+    ],
   }
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

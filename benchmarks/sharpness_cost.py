@@ -31,17 +31,20 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import sam_optax
-from sam_optax import sharpness
 from benchmarks import _models
-from benchmarks.step_time import RESULTS, environment, paired_ratio, summary
+from benchmarks.step_time import RESULTS
+from benchmarks.step_time import environment
+from benchmarks.step_time import paired_ratio
+from benchmarks.step_time import summary
+from sam_optax import sharpness
 
 SCHEMA_VERSION = 1
 DIAGNOSTICS = ("top_hessian_eigenvalue", "hessian_trace", "worst_case_sharpness")
@@ -53,10 +56,17 @@ def digits_problem(batch_size: int):
 
   data = train.load_data()
   variables = train.MODEL.init(jax.random.key(0), data["x_train"][:1], train=False)
-  batch = {"image": jnp.asarray(data["x_train"][:batch_size]),
-           "label": jnp.asarray(data["y_train"][:batch_size])}
-  return (variables["params"], variables["batch_stats"], batch, train.make_loss_fn(train.MODEL),
-          train.EVAL_LOSS)
+  batch = {
+    "image": jnp.asarray(data["x_train"][:batch_size]),
+    "label": jnp.asarray(data["y_train"][:batch_size]),
+  }
+  return (
+    variables["params"],
+    variables["batch_stats"],
+    batch,
+    train.make_loss_fn(train.MODEL),
+    train.EVAL_LOSS,
+  )
 
 
 def mlp_problem(name: str, batch_size: int | None):
@@ -80,29 +90,39 @@ def methods(loss_fn, eval_loss, *, num_iters: int, num_samples: int, num_steps: 
   sam_jit = sam_optax.sam_step(loss_fn, sam, has_aux=True)
   copy = lambda t: jax.tree.map(jnp.copy, t)
   out: dict[str, tuple[Callable, Callable]] = {
-      "sgd": (lambda p, s: (copy(p), base.init(p), copy(s)),
-              lambda st, b: sgd_jit(st[0], st[1], b, st[2])),
-      "sam": (lambda p, s: (copy(p), sam.init(p), copy(s)),
-              lambda st, b: (lambda o: (o[0], o[1], o[3]))(sam_jit(st[0], st[1], b, st[2]))),
+    "sgd": (
+      lambda p, s: (copy(p), base.init(p), copy(s)),
+      lambda st, b: sgd_jit(st[0], st[1], b, st[2]),
+    ),
+    "sam": (
+      lambda p, s: (copy(p), sam.init(p), copy(s)),
+      lambda st, b: (lambda o: (o[0], o[1], o[3]))(sam_jit(st[0], st[1], b, st[2])),
+    ),
   }
   diag = {
-      "top_hessian_eigenvalue": lambda p, b, s: sharpness.top_hessian_eigenvalue(
-          eval_loss, p, b, s, num_iters=num_iters, tol=0.0),
-      "hessian_trace": lambda p, b, s: sharpness.hessian_trace(
-          eval_loss, p, b, s, num_samples=num_samples),
-      "worst_case_sharpness": lambda p, b, s: sharpness.worst_case_sharpness(
-          eval_loss, p, b, s, rho=rho, num_steps=num_steps),
+    "top_hessian_eigenvalue": lambda p, b, s: sharpness.top_hessian_eigenvalue(
+      eval_loss, p, b, s, num_iters=num_iters, tol=0.0
+    ),
+    "hessian_trace": lambda p, b, s: sharpness.hessian_trace(
+      eval_loss, p, b, s, num_samples=num_samples
+    ),
+    "worst_case_sharpness": lambda p, b, s: sharpness.worst_case_sharpness(
+      eval_loss, p, b, s, rho=rho, num_steps=num_steps
+    ),
   }
   for name, fn in diag.items():
     jitted = jax.jit(fn)
     # The state is (params, batch_stats, last value); the value is what is waited for.
-    out[name] = (lambda p, s: (p, s, None),
-                 lambda st, b, f=jitted: (st[0], st[1], f(st[0], b, st[1])))
+    out[name] = (
+      lambda p, s: (p, s, None),
+      lambda st, b, f=jitted: (st[0], st[1], f(st[0], b, st[1])),
+    )
   return out
 
 
-def bench_model(name: str, *, batch_size: int | None, rounds: int, min_sample_s: float,
-                log, **diag_kw) -> dict[str, Any]:
+def bench_model(
+  name: str, *, batch_size: int | None, rounds: int, min_sample_s: float, log, **diag_kw
+) -> dict[str, Any]:
   if name == "digits_cnn":
     params, batch_stats, batch, loss_fn, eval_loss = digits_problem(batch_size or 64)
   else:
@@ -129,49 +149,61 @@ def bench_model(name: str, *, batch_size: int | None, rounds: int, min_sample_s:
   calls = {n: max(1, math.ceil(min_sample_s / min(timed(n, 1) for _ in range(2)))) for n in names}
   samples = {n: [] for n in names}
   for r in range(rounds):
-    for n in names[r % len(names):] + names[: r % len(names)]:
+    for n in names[r % len(names) :] + names[: r % len(names)]:
       samples[n].append(timed(n, calls[n]))
   return {
-      "model": name,
-      "params": _models.param_count(params),
-      "batch_size": int(jax.tree.leaves(batch)[0].shape[0]),
-      "rounds": rounds,
-      "methods": [{
-          "name": n, "seconds": summary(samples[n]),
-          "in_sgd_steps": paired_ratio(samples, n, "sgd"),
-          "in_sam_steps": paired_ratio(samples, n, "sam"),
-          "calls_per_sample": calls[n], "compile_and_warmup_s": compile_s[n],
-          "samples_s": samples[n],
-      } for n in names],
+    "model": name,
+    "params": _models.param_count(params),
+    "batch_size": int(jax.tree.leaves(batch)[0].shape[0]),
+    "rounds": rounds,
+    "methods": [
+      {
+        "name": n,
+        "seconds": summary(samples[n]),
+        "in_sgd_steps": paired_ratio(samples, n, "sgd"),
+        "in_sam_steps": paired_ratio(samples, n, "sam"),
+        "calls_per_sample": calls[n],
+        "compile_and_warmup_s": compile_s[n],
+        "samples_s": samples[n],
+      }
+      for n in names
+    ],
   }
 
 
 def markdown(result: dict[str, Any]) -> str:
   env, kw = result["environment"], result["diagnostics"]
   labels = {
-      "sgd": "SGD step", "sam": "SAM step (sam_step, λ = 1)",
-      "top_hessian_eigenvalue": f"top_hessian_eigenvalue ({kw['num_iters']} iterations)",
-      "hessian_trace": f"hessian_trace ({kw['num_samples']} probes)",
-      "worst_case_sharpness": f"worst_case_sharpness ({kw['num_steps']} steps, ρ = {kw['rho']})",
+    "sgd": "SGD step",
+    "sam": "SAM step (sam_step, λ = 1)",
+    "top_hessian_eigenvalue": f"top_hessian_eigenvalue ({kw['num_iters']} iterations)",
+    "hessian_trace": f"hessian_trace ({kw['num_samples']} probes)",
+    "worst_case_sharpness": f"worst_case_sharpness ({kw['num_steps']} steps, ρ = {kw['rho']})",
   }
   r = lambda x: f"{x['median']:.2f} [{x['p25']:.2f}–{x['p75']:.2f}]"
   lines = [
-      f"Device: {env['device']}, {env['cpu_cores']} cores; jax {env['jax']}. Load average "
-      f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end.", "",
-      f"Command: `{result['command']}`", "",
+    f"Device: {env['device']}, {env['cpu_cores']} cores; jax {env['jax']}. Load average "
+    f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end.",
+    "",
+    f"Command: `{result['command']}`",
+    "",
   ]
   for m in result["models"]:
     lines += [
-        f"**{m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, float32; "
-        f"{m['rounds']} rounds): median ms per call [interquartile range]; costs as the "
-        "median of per-round ratios.", "",
-        "| call | ms | in SGD steps | in SAM steps |", "|---|---:|---:|---:|",
+      f"**{m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, float32; "
+      f"{m['rounds']} rounds): median ms per call [interquartile range]; costs as the "
+      "median of per-round ratios.",
+      "",
+      "| call | ms | in SGD steps | in SAM steps |",
+      "|---|---:|---:|---:|",
     ]
     for x in m["methods"]:
       s = x["seconds"]
-      lines.append(f"| {labels[x['name']]} | {1e3 * s['median']:.3g} "
-                   f"[{1e3 * s['p25']:.3g}–{1e3 * s['p75']:.3g}] | {r(x['in_sgd_steps'])} | "
-                   f"{r(x['in_sam_steps'])} |")
+      lines.append(
+        f"| {labels[x['name']]} | {1e3 * s['median']:.3g} "
+        f"[{1e3 * s['p25']:.3g}–{1e3 * s['p75']:.3g}] | {r(x['in_sgd_steps'])} | "
+        f"{r(x['in_sam_steps'])} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -179,10 +211,17 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="few, short rounds (CI)")
-  parser.add_argument("--models", default="digits_cnn,tiny_mlp",
-                      help="comma-separated: digits_cnn and the models of benchmarks/_models.py")
-  parser.add_argument("--batch-size", type=int, default=None,
-                      help="examples per batch (default: 64 for digits_cnn, the model's own)")
+  parser.add_argument(
+    "--models",
+    default="digits_cnn,tiny_mlp",
+    help="comma-separated: digits_cnn and the models of benchmarks/_models.py",
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="examples per batch (default: 64 for digits_cnn, the model's own)",
+  )
   parser.add_argument("--rounds", type=int, default=None, help="timed samples per method")
   parser.add_argument("--num-iters", type=int, default=20)
   parser.add_argument("--num-samples", type=int, default=20)
@@ -197,24 +236,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rounds = args.rounds or (5 if args.quick else 15)
   if rounds < 1:
     parser.error("--rounds must be >= 1")
-  diag_kw = dict(num_iters=args.num_iters, num_samples=args.num_samples,
-                 num_steps=args.num_steps, rho=args.rho)
-  out = pathlib.Path(args.out) if args.out else RESULTS / (
-      "sharpness_cost_quick" if args.quick else "sharpness_cost")
+  diag_kw = dict(
+    num_iters=args.num_iters, num_samples=args.num_samples, num_steps=args.num_steps, rho=args.rho
+  )
+  out = (
+    pathlib.Path(args.out)
+    if args.out
+    else RESULTS / ("sharpness_cost_quick" if args.quick else "sharpness_cost")
+  )
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   result: dict[str, Any] = {
-      "schema_version": SCHEMA_VERSION,
-      "benchmark": "sharpness_cost",
-      "command": "python -m benchmarks.sharpness_cost " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "environment": environment(1, None),
-      "diagnostics": diag_kw,
-      "models": [],
+    "schema_version": SCHEMA_VERSION,
+    "benchmark": "sharpness_cost",
+    "command": "python -m benchmarks.sharpness_cost "
+    + " ".join(sys.argv[1:] if argv is None else argv),
+    "environment": environment(1, None),
+    "diagnostics": diag_kw,
+    "models": [],
   }
   for m in models:
-    result["models"].append(bench_model(
-        m, batch_size=args.batch_size, rounds=rounds,
-        min_sample_s=0.05 if args.quick else 0.3, log=log, **diag_kw))
+    result["models"].append(
+      bench_model(
+        m,
+        batch_size=args.batch_size,
+        rounds=rounds,
+        min_sample_s=0.05 if args.quick else 0.3,
+        log=log,
+        **diag_kw,
+      )
+    )
   result["environment"]["loadavg_end"] = list(os.getloadavg())
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

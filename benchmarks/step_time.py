@@ -61,11 +61,11 @@ def summary(values: list[float]) -> dict[str, float]:
   v = np.asarray(values, np.float64)
   p25, median, p75 = np.percentile(v, [25, 50, 75])
   return {
-      "median": float(median),
-      "p25": float(p25),
-      "p75": float(p75),
-      "min": float(v.min()),
-      "max": float(v.max()),
+    "median": float(median),
+    "p25": float(p25),
+    "p75": float(p75),
+    "min": float(v.min()),
+    "max": float(v.max()),
   }
 
 
@@ -94,7 +94,7 @@ class TorchWorker:
   def __init__(self, python: str):
     script = pathlib.Path(__file__).with_name("torch_reference.py")
     self.proc = subprocess.Popen(
-        [python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+      [python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 
   def ask(self, **request) -> dict[str, Any]:
@@ -116,10 +116,10 @@ class TorchWorker:
 
 
 TORCH_LABELS = {
-    "torch_sgd": "PyTorch SGD (one pass)",
-    "torch_unifiedsam_l1": "PyTorch unifiedSAM(λ=1)",
-    "torch_unifiedsam_1-1/t": 'PyTorch unifiedSAM(λ="1-1/t")',
-    "torch_sam_sps": "PyTorch SAM_SPS(λ=1)",
+  "torch_sgd": "PyTorch SGD (one pass)",
+  "torch_unifiedsam_l1": "PyTorch unifiedSAM(λ=1)",
+  "torch_unifiedsam_1-1/t": 'PyTorch unifiedSAM(λ="1-1/t")',
+  "torch_sam_sps": "PyTorch SAM_SPS(λ=1)",
 }
 
 
@@ -127,8 +127,15 @@ TORCH_LABELS = {
 
 
 def bench_model(
-    name: str, *, batch_size: int | None, rounds: int, min_sample_s: float,
-    torch_worker: TorchWorker | None, threads: int, log, only: list[str] | None = None,
+  name: str,
+  *,
+  batch_size: int | None,
+  rounds: int,
+  min_sample_s: float,
+  torch_worker: TorchWorker | None,
+  threads: int,
+  log,
+  only: list[str] | None = None,
 ) -> dict[str, Any]:
   spec, params, batch_stats, batch, loss_fn = _models.make_problem(name, batch_size)
   variants = _steps.all_variants(loss_fn, only)
@@ -152,35 +159,48 @@ def bench_model(
     return (time.perf_counter() - start) / k
 
   runners = {v.name: (lambda k, v=v: run_jax(v, k)) for v in variants}
-  info = {v.name: {"label": v.label, "framework": "jax", "passes": v.passes,
-                   "calls_per_step": v.calls_per_step} for v in variants}
+  info = {
+    v.name: {
+      "label": v.label,
+      "framework": "jax",
+      "passes": v.passes,
+      "calls_per_step": v.calls_per_step,
+    }
+    for v in variants
+  }
 
   torch_info = None
   if torch_worker is not None:
-    hp = dict(lr=_steps.LR, momentum=_steps.MOMENTUM, weight_decay=_steps.WEIGHT_DECAY,
-              rho=_steps.RHO)
-    torch_info = torch_worker.ask(cmd="setup", model=name, batch_size=spec.batch_size,
-                                  threads=threads, **hp)
+    hp = dict(
+      lr=_steps.LR, momentum=_steps.MOMENTUM, weight_decay=_steps.WEIGHT_DECAY, rho=_steps.RHO
+    )
+    torch_info = torch_worker.ask(
+      cmd="setup", model=name, batch_size=spec.batch_size, threads=threads, **hp
+    )
     if torch_info["params"] != _models.param_count(params):
       raise RuntimeError(
-          f"[{name}] the PyTorch model has {torch_info['params']} parameters, the Flax "
-          f"model {_models.param_count(params)}: not the same network."
+        f"[{name}] the PyTorch model has {torch_info['params']} parameters, the Flax "
+        f"model {_models.param_count(params)}: not the same network."
       )
     for tname in torch_info["variants"]:
-      runners[tname] = lambda k, tname=tname: torch_worker.ask(
-          cmd="time", variant=tname, steps=k)["seconds"]
-      info[tname] = {"label": TORCH_LABELS.get(tname, tname), "framework": "torch",
-                     "passes": 1 if tname == "torch_sgd" else 2, "calls_per_step": 1}
+      runners[tname] = lambda k, tname=tname: torch_worker.ask(cmd="time", variant=tname, steps=k)[
+        "seconds"
+      ]
+      info[tname] = {
+        "label": TORCH_LABELS.get(tname, tname),
+        "framework": "torch",
+        "passes": 1 if tname == "torch_sgd" else 2,
+        "calls_per_step": 1,
+      }
 
   # Steps per sample, per variant: enough that one sample lasts about min_sample_s
   # (steps of a tiny model are shorter than the clock's and the dispatcher's noise).
   names = list(runners)
-  steps = {n: max(1, math.ceil(min_sample_s / min(runners[n](1) for _ in range(2))))
-           for n in names}
+  steps = {n: max(1, math.ceil(min_sample_s / min(runners[n](1) for _ in range(2)))) for n in names}
   samples = {n: [] for n in names}
   t0 = time.perf_counter()
   for r in range(rounds):
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for n in order:
       samples[n].append(runners[n](steps[n]))
     if r == 0 or (r + 1) % 5 == 0:
@@ -188,25 +208,30 @@ def bench_model(
 
   results = []
   for n in names:
-    entry = {"name": n, **info[n], "seconds": summary(samples[n]),
-             "ratio_to_sgd": paired_ratio(samples, n, "torch_sgd" if n.startswith("torch_")
-                                          else "sgd"),
-             "ratio_to_hand_written": paired_ratio(samples, n, "hand_written_sam"),
-             "steps_per_sample": steps[n], "samples_s": samples[n]}
+    entry = {
+      "name": n,
+      **info[n],
+      "seconds": summary(samples[n]),
+      "ratio_to_sgd": paired_ratio(samples, n, "torch_sgd" if n.startswith("torch_") else "sgd"),
+      "ratio_to_hand_written": paired_ratio(samples, n, "hand_written_sam"),
+      "steps_per_sample": steps[n],
+      "samples_s": samples[n],
+    }
     if n in compile_s:
       entry["compile_and_warmup_s"] = compile_s[n]
     results.append(entry)
   return {
-      "model": name,
-      "params": _models.param_count(params),
-      "batch_size": spec.batch_size,
-      "input_shape": list(spec.image_shape),
-      "dtype": "float32",
-      "rounds": rounds,
-      "torch": None if torch_info is None else {
-          "version": torch_info["torch"], "threads": torch_info["threads"]},
-      "variants": results,
-      "checks": _model_checks(samples, name),
+    "model": name,
+    "params": _models.param_count(params),
+    "batch_size": spec.batch_size,
+    "input_shape": list(spec.image_shape),
+    "dtype": "float32",
+    "rounds": rounds,
+    "torch": None
+    if torch_info is None
+    else {"version": torch_info["torch"], "threads": torch_info["threads"]},
+    "variants": results,
+    "checks": _model_checks(samples, name),
   }
 
 
@@ -218,22 +243,23 @@ def _model_checks(samples, model) -> list[dict[str, Any]]:
     if n.startswith("sam_step"):
       floor = _steps.FLOOR.get(n, "hand_written_sam")
       r = paired_ratio(samples, n, floor)
-      checks.append({"target": f"{n} / {floor} <= 1.03", "value": r,
-                     "met": r["median"] <= 1.03})
+      checks.append({"target": f"{n} / {floor} <= 1.03", "value": r, "met": r["median"] <= 1.03})
   if "sam_step_unified_l1" not in samples:
     return checks
   if cnn:
     r = paired_ratio(samples, "sam_step_unified_l1", "sgd")
-    checks.append({"target": "sam_step_unified_l1 / sgd <= 2.05", "value": r,
-                   "met": r["median"] <= 2.05})
+    checks.append(
+      {"target": "sam_step_unified_l1 / sgd <= 2.05", "value": r, "met": r["median"] <= 2.05}
+    )
   # "At least as fast": both compile to the same two passes, so a tie within the
   # same 3% noise band as above counts; the number itself is reported.
   for other in ("optax_contrib_sam_opaque", "optax_contrib_sam"):
     if other not in samples:
       continue
     r = paired_ratio(samples, "sam_step_unified_l1", other)
-    checks.append({"target": f"sam_step_unified_l1 / {other} <= 1.03", "value": r,
-                   "met": r["median"] <= 1.03})
+    checks.append(
+      {"target": f"sam_step_unified_l1 / {other} <= 1.03", "value": r, "met": r["median"] <= 1.03}
+    )
   return checks
 
 
@@ -257,21 +283,25 @@ def theory_problem(problem: str, n: int, d: int, seed: int = 0):
 def theory_optimizers() -> dict[str, tuple[Any, Any]]:
   """name -> (sam_optax optimizer, the reference's λ); same hyperparameters on both sides."""
   return {
-      "unified_sam": (
-          sam_optax.unified_sam(optax.sgd(THEORY["lr"]), rho=THEORY["rho"], lambd="1-1/t"),
-          "1-1/t",
-      ),
-      "sam_sps": (
-          sam_optax.sam_sps(rho=THEORY["rho"], lambd=1.0, gamma_b=THEORY["gamma_b"],
-                            weight_decay=0.0),
-          1.0,
-      ),
+    "unified_sam": (
+      sam_optax.unified_sam(optax.sgd(THEORY["lr"]), rho=THEORY["rho"], lambd="1-1/t"),
+      "1-1/t",
+    ),
+    "sam_sps": (
+      sam_optax.sam_sps(rho=THEORY["rho"], lambd=1.0, gamma_b=THEORY["gamma_b"], weight_decay=0.0),
+      1.0,
+    ),
   }
 
 
 def bench_theory(
-    problem: str, *, steps: int, repeats: int, torch_worker: TorchWorker | None,
-    threads: int, log,
+  problem: str,
+  *,
+  steps: int,
+  repeats: int,
+  torch_worker: TorchWorker | None,
+  threads: int,
+  log,
 ) -> dict[str, Any]:
   a_np, b_np = theory_problem(problem, THEORY["n"], THEORY["d"])
   a, b = jnp.asarray(a_np, jnp.float32), jnp.asarray(b_np, jnp.float32)
@@ -279,8 +309,9 @@ def bench_theory(
   def loss_fn(w, batch):
     a, b = batch
     r = a @ w
-    value = (0.5 * jnp.mean((r - b) ** 2) if problem == "ridge"
-             else jnp.mean(jax.nn.softplus(-b * r)))
+    value = (
+      0.5 * jnp.mean((r - b) ** 2) if problem == "ridge" else jnp.mean(jax.nn.softplus(-b * r))
+    )
     return value + 0.5 * THEORY["l2"] * jnp.sum(w * w)
 
   w0 = jnp.zeros(THEORY["d"], jnp.float32)
@@ -294,6 +325,7 @@ def bench_theory(
         w, state = carry
         w, state, _ = body_step(w, state, (a, b))
         return (w, state), None
+
       (w, state), _ = jax.lax.scan(body, (w, state), None, length=steps)
       return w, state
 
@@ -312,10 +344,20 @@ def bench_theory(
     samples = {n: [] for n in runs}
     request = None
     if torch_worker is not None:
-      request = dict(cmd="theory", problem=problem, a=a_np.tolist(), b=b_np.tolist(),
-                     l2=THEORY["l2"], rho=THEORY["rho"], lr=THEORY["lr"],
-                     gamma_b=THEORY["gamma_b"], lambd=ref_lambd,
-                     variant=opt_name, steps=steps, threads=threads)
+      request = dict(
+        cmd="theory",
+        problem=problem,
+        a=a_np.tolist(),
+        b=b_np.tolist(),
+        l2=THEORY["l2"],
+        rho=THEORY["rho"],
+        lr=THEORY["lr"],
+        gamma_b=THEORY["gamma_b"],
+        lambd=ref_lambd,
+        variant=opt_name,
+        steps=steps,
+        threads=threads,
+      )
       torch_worker.ask(**request)  # warm-up
       samples["torch_reference"] = []
     for _ in range(repeats):
@@ -328,18 +370,21 @@ def bench_theory(
         samples["torch_reference"].append(answer["seconds"])
         final["torch_reference"] = answer["final_loss"]
     entry = {
-        "optimizer": opt_name,
-        "seconds_per_step": {n: summary(s) for n, s in samples.items()},
-        "final_loss": final,
-        "samples_s": samples,
+      "optimizer": opt_name,
+      "seconds_per_step": {n: summary(s) for n, s in samples.items()},
+      "final_loss": final,
+      "samples_s": samples,
     }
     if request is not None:
       entry["speedup_scan_vs_torch"] = paired_ratio(samples, "torch_reference", "jax_scan")
       entry["speedup_python_loop_vs_torch"] = paired_ratio(
-          samples, "torch_reference", "jax_python_loop")
+        samples, "torch_reference", "jax_python_loop"
+      )
     out["optimizers"].append(entry)
-    log(f"[{problem}/{opt_name}] " + ", ".join(
-        f"{n} {1e6 * summary(s)['median']:.1f}us/step" for n, s in samples.items()))
+    log(
+      f"[{problem}/{opt_name}] "
+      + ", ".join(f"{n} {1e6 * summary(s)['median']:.1f}us/step" for n, s in samples.items())
+    )
   return out
 
 
@@ -352,22 +397,25 @@ def environment(threads: int, torch_python: str | None) -> dict[str, Any]:
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
   return {
-      "device": f"{jax.devices()[0].platform.upper()}: {cpu}",
-      "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-      else os.cpu_count(),
-      "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-      else None,
-      "machine_cpus": os.cpu_count(),
-      "threads": threads,
-      "jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
-      "sam_optax": sam_optax.__version__, "python": platform.python_version(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "torch_python": torch_python,
-      "loadavg_start": list(os.getloadavg()),
+    "device": f"{jax.devices()[0].platform.upper()}: {cpu}",
+    "cpu_cores": len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity")
+    else os.cpu_count(),
+    "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "machine_cpus": os.cpu_count(),
+    "threads": threads,
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "flax": flax.__version__,
+    "sam_optax": sam_optax.__version__,
+    "python": platform.python_version(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "torch_python": torch_python,
+    "loadavg_start": list(os.getloadavg()),
   }
 
 
@@ -382,42 +430,45 @@ def _fmt_ratio(r: dict[str, float]) -> str:
 def markdown(result: dict[str, Any]) -> str:
   env = result["environment"]
   lines = [
-      f"Device: {env['device']}, {env['cpu_cores']} cores, {env['threads']} threads; "
-      f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}"
-      + (f", torch {result['models'][0]['torch']['version']}"
-         if result["models"] and result["models"][0]["torch"] else "")
-      + f". XLA_FLAGS: `{env['xla_flags'] or '(none)'}`. "
-      f"Load average {env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end.",
-      "",
-      f"Command: `{result['command']}`",
-      "",
+    f"Device: {env['device']}, {env['cpu_cores']} cores, {env['threads']} threads; "
+    f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}"
+    + (
+      f", torch {result['models'][0]['torch']['version']}"
+      if result["models"] and result["models"][0]["torch"]
+      else ""
+    )
+    + f". XLA_FLAGS: `{env['xla_flags'] or '(none)'}`. "
+    f"Load average {env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end.",
+    "",
+    f"Command: `{result['command']}`",
+    "",
   ]
   if not env["torch_python"]:
     lines += ["PyTorch references: not run (this Python has no torch; pass --torch-python).", ""]
   for m in result["models"]:
     lines += [
-        f"**{m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, "
-        f"{m['dtype']}; {m['rounds']} rounds): "
-        "median step time [interquartile range], ratios as the median of per-round ratios.",
-        "",
-        "| variant | passes | ms / step | × SGD (same framework) | × hand-written SAM |",
-        "|---|---:|---:|---:|---:|",
+      f"**{m['model']}** ({m['params']:,} parameters, batch {m['batch_size']}, "
+      f"{m['dtype']}; {m['rounds']} rounds): "
+      "median step time [interquartile range], ratios as the median of per-round ratios.",
+      "",
+      "| variant | passes | ms / step | × SGD (same framework) | × hand-written SAM |",
+      "|---|---:|---:|---:|---:|",
     ]
     for v in m["variants"]:
       s = v["seconds"]
       lines.append(
-          f"| {v['label']} | {v['passes']} | {_fmt_ms(s['median'])} "
-          f"[{_fmt_ms(s['p25'])}–{_fmt_ms(s['p75'])}] | {_fmt_ratio(v['ratio_to_sgd'])} | "
-          f"{_fmt_ratio(v['ratio_to_hand_written'])} |"
+        f"| {v['label']} | {v['passes']} | {_fmt_ms(s['median'])} "
+        f"[{_fmt_ms(s['p25'])}–{_fmt_ms(s['p75'])}] | {_fmt_ratio(v['ratio_to_sgd'])} | "
+        f"{_fmt_ratio(v['ratio_to_hand_written'])} |"
       )
     lines.append("")
   if result["theory"]:
     lines += [
-        f"**Theory problems** (full batch, n = d = {THEORY['n']}, float32): µs per step.",
-        "",
-        "| problem | optimizer | jit + lax.scan | jit step, Python loop | PyTorch reference "
-        "| speed-up of scan | same final loss (JAX / PyTorch) |",
-        "|---|---|---:|---:|---:|---:|---|",
+      f"**Theory problems** (full batch, n = d = {THEORY['n']}, float32): µs per step.",
+      "",
+      "| problem | optimizer | jit + lax.scan | jit step, Python loop | PyTorch reference "
+      "| speed-up of scan | same final loss (JAX / PyTorch) |",
+      "|---|---|---:|---:|---:|---:|---|",
     ]
     for t in result["theory"]:
       for o in t["optimizers"]:
@@ -425,88 +476,131 @@ def markdown(result: dict[str, Any]) -> str:
         torch_s = s.get("torch_reference")
         speedup = o.get("speedup_scan_vs_torch")
         lines.append(
-            f"| {t['problem']} | {o['optimizer']} | {1e6 * s['jax_scan']['median']:.1f} | "
-            f"{1e6 * s['jax_python_loop']['median']:.1f} | "
-            + (f"{1e6 * torch_s['median']:.1f} | {_fmt_ratio(speedup)} | "
-               f"{o['final_loss']['jax_scan']:.6g} / {o['final_loss']['torch_reference']:.6g} |"
-               if torch_s else "n/a | n/a | n/a |")
+          f"| {t['problem']} | {o['optimizer']} | {1e6 * s['jax_scan']['median']:.1f} | "
+          f"{1e6 * s['jax_python_loop']['median']:.1f} | "
+          + (
+            f"{1e6 * torch_s['median']:.1f} | {_fmt_ratio(speedup)} | "
+            f"{o['final_loss']['jax_scan']:.6g} / {o['final_loss']['torch_reference']:.6g} |"
+            if torch_s
+            else "n/a | n/a | n/a |"
+          )
         )
     lines.append("")
   lines += ["Targets:", ""]
   for m in result["models"]:
     for c in m["checks"]:
-      lines.append(f"- {m['model']}: `{c['target']}`: {_fmt_ratio(c['value'])} — "
-                   f"{'met' if c['met'] else '**missed**'}")
+      lines.append(
+        f"- {m['model']}: `{c['target']}`: {_fmt_ratio(c['value'])} — "
+        f"{'met' if c['met'] else '**missed**'}"
+      )
   for t in result["theory"]:
     for o in t["optimizers"]:
       if "speedup_scan_vs_torch" in o:
         r = o["speedup_scan_vs_torch"]
-        lines.append(f"- {t['problem']}/{o['optimizer']}: `lax.scan speed-up vs PyTorch >= 20`: "
-                     f"{_fmt_ratio(r)} — {'met' if r['median'] >= 20 else '**missed**'}")
+        lines.append(
+          f"- {t['problem']}/{o['optimizer']}: `lax.scan speed-up vs PyTorch >= 20`: "
+          f"{_fmt_ratio(r)} — {'met' if r['median'] >= 20 else '**missed**'}"
+        )
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny models and short runs (CI; under 2 minutes on 2 cores)")
-  parser.add_argument("--models", default=None,
-                      help=f"comma-separated, from {sorted(_models.MODELS)}")
-  parser.add_argument("--variants", default=None,
-                      help="comma-separated subset of the JAX variants (sgd and "
-                      "hand_written_sam are always run)")
-  parser.add_argument("--batch-size", type=int, default=None,
-                      help="override every model's default batch size")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny models and short runs (CI; under 2 minutes on 2 cores)",
+  )
+  parser.add_argument(
+    "--models", default=None, help=f"comma-separated, from {sorted(_models.MODELS)}"
+  )
+  parser.add_argument(
+    "--variants",
+    default=None,
+    help="comma-separated subset of the JAX variants (sgd and hand_written_sam are always run)",
+  )
+  parser.add_argument(
+    "--batch-size", type=int, default=None, help="override every model's default batch size"
+  )
   parser.add_argument("--rounds", type=int, default=20, help="timed samples per variant")
   parser.add_argument("--theory-steps", type=int, default=None)
   parser.add_argument("--no-theory", action="store_true")
-  parser.add_argument("--threads", type=int, default=None,
-                      help="PyTorch threads (default: the CPU cores this process may use)")
-  parser.add_argument("--torch-python", default=None,
-                      help="a Python with torch, unifiedsam and sam-sps (default: this one if "
-                      "it has them); 'none' to skip PyTorch")
-  parser.add_argument("--out", default=None,
-                      help="output path without extension (default benchmarks/results/step_time"
-                      "[_quick])")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=None,
+    help="PyTorch threads (default: the CPU cores this process may use)",
+  )
+  parser.add_argument(
+    "--torch-python",
+    default=None,
+    help="a Python with torch, unifiedsam and sam-sps (default: this one if "
+    "it has them); 'none' to skip PyTorch",
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="output path without extension (default benchmarks/results/step_time[_quick])",
+  )
   args = parser.parse_args(argv)
 
-  models = (args.models.split(",") if args.models
-            else list(QUICK_MODELS if args.quick else FULL_MODELS))
+  models = (
+    args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else FULL_MODELS)
+  )
   for m in models:
     if m not in _models.MODELS:
       parser.error(f"--models: unknown model {m!r}; choose from {sorted(_models.MODELS)}")
   if args.rounds < 1:
     parser.error("--rounds must be >= 1")
-  threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else os.cpu_count())
-  torch_python = (None if args.torch_python == "none"
-                  else args.torch_python or torch_python_default())
+  threads = args.threads or (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  )
+  torch_python = (
+    None if args.torch_python == "none" else args.torch_python or torch_python_default()
+  )
   theory_steps = args.theory_steps or (200 if args.quick else 1000)
-  out = pathlib.Path(args.out) if args.out else RESULTS / (
-      "step_time_quick" if args.quick else "step_time")
+  out = (
+    pathlib.Path(args.out)
+    if args.out
+    else RESULTS / ("step_time_quick" if args.quick else "step_time")
+  )
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
   result: dict[str, Any] = {
-      "schema_version": SCHEMA_VERSION,
-      "benchmark": "step_time",
-      "command": "python -m benchmarks.step_time " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "environment": environment(threads, torch_python),
-      "models": [],
-      "theory": [],
+    "schema_version": SCHEMA_VERSION,
+    "benchmark": "step_time",
+    "command": "python -m benchmarks.step_time " + " ".join(sys.argv[1:] if argv is None else argv),
+    "environment": environment(threads, torch_python),
+    "models": [],
+    "theory": [],
   }
   worker = TorchWorker(torch_python) if torch_python else None
   try:
     for m in models:
-      result["models"].append(bench_model(
-          m, batch_size=args.batch_size, rounds=args.rounds,
-          min_sample_s=0.02 if args.quick else 0.5, torch_worker=worker, threads=threads,
-          log=log, only=args.variants.split(",") if args.variants else None))
+      result["models"].append(
+        bench_model(
+          m,
+          batch_size=args.batch_size,
+          rounds=args.rounds,
+          min_sample_s=0.02 if args.quick else 0.5,
+          torch_worker=worker,
+          threads=threads,
+          log=log,
+          only=args.variants.split(",") if args.variants else None,
+        )
+      )
     if not args.no_theory:
       for problem in ("ridge", "logistic"):
-        result["theory"].append(bench_theory(
-            problem, steps=theory_steps, repeats=5 if args.quick else 20,
-            torch_worker=worker, threads=threads, log=log))
+        result["theory"].append(
+          bench_theory(
+            problem,
+            steps=theory_steps,
+            repeats=5 if args.quick else 20,
+            torch_worker=worker,
+            threads=threads,
+            log=log,
+          )
+        )
   finally:
     if worker is not None:
       worker.close()

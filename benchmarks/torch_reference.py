@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # --- the networks: layer for layer the ones in benchmarks/_models.py ------------------------
 
 
@@ -126,8 +125,11 @@ class SmallCNN(nn.Module):
     super().__init__()
     layers, planes = [], 3
     for i, width in enumerate(features):
-      layers += [nn.Conv2d(planes, width, 3, 2 if i else 1, 1, bias=False),
-                 nn.BatchNorm2d(width), nn.ReLU()]
+      layers += [
+        nn.Conv2d(planes, width, 3, 2 if i else 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+      ]
       planes = width
     self.features = nn.Sequential(*layers)
     self.fc = nn.Linear(planes, num_classes)
@@ -138,11 +140,11 @@ class SmallCNN(nn.Module):
 
 # name -> (constructor, image shape NCHW without batch); names as in _models.MODELS.
 MODELS = {
-    "mlp": (lambda: MLP(32 * 32 * 3, (512, 512)), (3, 32, 32)),
-    "resnet20": (lambda: CifarResNet(3), (3, 32, 32)),
-    "wrn16_4": (lambda: WideResNet(16, 4), (3, 32, 32)),
-    "tiny_mlp": (lambda: MLP(8 * 8 * 1, (32,)), (1, 8, 8)),
-    "tiny_cnn": (lambda: SmallCNN((8, 16)), (3, 16, 16)),
+  "mlp": (lambda: MLP(32 * 32 * 3, (512, 512)), (3, 32, 32)),
+  "resnet20": (lambda: CifarResNet(3), (3, 32, 32)),
+  "wrn16_4": (lambda: WideResNet(16, 4), (3, 32, 32)),
+  "tiny_mlp": (lambda: MLP(8 * 8 * 1, (32,)), (1, 8, 8)),
+  "tiny_cnn": (lambda: SmallCNN((8, 16)), (3, 16, 16)),
 }
 
 
@@ -185,10 +187,10 @@ def _variants(model, x, y, hp):
     return value
 
   return {
-      "torch_sgd": sgd_step,
-      "torch_unifiedsam_l1": unified(1.0),
-      "torch_unifiedsam_1-1/t": unified("1-1/t"),
-      "torch_sam_sps": lambda: sps.step(closure),
+    "torch_sgd": sgd_step,
+    "torch_unifiedsam_l1": unified(1.0),
+    "torch_unifiedsam_1-1/t": unified("1-1/t"),
+    "torch_sam_sps": lambda: sps.step(closure),
   }
 
 
@@ -215,8 +217,9 @@ def _theory_time(request):
     return value + 0.5 * l2 * torch.sum(w * w)
 
   if request["variant"] == "sam_sps":
-    opt = SAM_SPS([w], weight_decay=0.0, rho=rho, lambd=request["lambd"],
-                  gamma_b=request["gamma_b"])
+    opt = SAM_SPS(
+      [w], weight_decay=0.0, rho=rho, lambd=request["lambd"], gamma_b=request["gamma_b"]
+    )
 
     def closure():
       value = loss()
@@ -256,9 +259,9 @@ def _conv_time(request):
   backward = torch.ops.aten.convolution_backward
   args = (dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
   parts = {
-      "fwd": lambda: F.conv2d(x, w, padding=1),
-      "dx": lambda: backward(*args, [True, False, False]),
-      "dw": lambda: backward(*args, [False, True, False]),
+    "fwd": lambda: F.conv2d(x, w, padding=1),
+    "dx": lambda: backward(*args, [True, False, False]),
+    "dw": lambda: backward(*args, [False, True, False]),
   }
   answer = {}
   with torch.no_grad():
@@ -289,10 +292,10 @@ def serve(stdin=sys.stdin, stdout=sys.stdout):
         fn()
         fn()
       answer = {
-          "params": sum(p.numel() for p in model.parameters()),
-          "variants": list(variants),
-          "torch": torch.__version__,
-          "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "variants": list(variants),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
       }
     elif cmd == "time":
       if "threads" in request:

@@ -52,8 +52,9 @@ def make_data(data_dir: str, n_train: int, n_test: int, seed: int = 0) -> None:
   rng = np.random.default_rng(seed)
 
   def split(n):
-    return input_pipeline.Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                                rng.integers(0, 10, n).astype(np.int32))
+    return input_pipeline.Split(
+      rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
+    )
 
   path = os.path.join(data_dir, input_pipeline.archive_name("cifar10"))
   input_pipeline.write_archive(path, "cifar10", split(n_train), split(n_test))
@@ -82,8 +83,7 @@ class BareStep:
 
   def __init__(self, run, args):
     self.step = sam_optax.sam_step(run.loss_fn, run.tx, has_aux=True)
-    self.batch = jax.device_put(
-        input_pipeline.TrainBatches(run.data.train, args.batch_size, 0)(0))
+    self.batch = jax.device_put(input_pipeline.TrainBatches(run.data.train, args.batch_size, 0)(0))
     copy = lambda tree: jax.tree_util.tree_map(lambda x: x.copy(), tree)  # noqa: E731
     self.params, self.opt_state = copy(run.state["params"]), copy(run.state["opt_state"])
     self.stats = run.state["batch_stats"]
@@ -95,7 +95,8 @@ class BareStep:
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
       self.params, self.opt_state, metrics, aux = self.step(
-          self.params, self.opt_state, self.batch, self.stats, self.rng)
+        self.params, self.opt_state, self.batch, self.stats, self.rng
+      )
       self.stats = aux["batch_stats"]
     jax.block_until_ready((self.params, metrics))
     return ((time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps)
@@ -117,8 +118,12 @@ def interleaved(config, data_dir, workdir, bare: BareStep, args):
       return
     jax.block_until_ready(out)
     if "wall" in clock:
-      trainer.append(((time.perf_counter() - clock["wall"]) / args.steps,
-                      (time.process_time() - clock["cpu"]) / args.steps))
+      trainer.append(
+        (
+          (time.perf_counter() - clock["wall"]) / args.steps,
+          (time.process_time() - clock["cpu"]) / args.steps,
+        )
+      )
     if len(bare_windows) < args.repeats:
       bare_windows.append(bare.window(args.steps))
     clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
@@ -139,16 +144,25 @@ def sharpness_cost(config, data_dir, bare: BareStep, args) -> dict:
   for epoch in range(1, args.repeats + 1):
     evals.append(run.sharpness(params, stats, epoch)["sharpness_seconds"])
     steps.append(bare.window(args.steps)[0])
-  return {"first_call_s": first["sharpness_seconds"], "evaluation_s": summary(evals),
-          "step": summary(steps), "in_steps": statistics.median(evals) / statistics.median(steps),
-          "values": {k: v for k, v in first.items() if k != "sharpness_seconds"},
-          "num_iters": args.sharpness_num_iters, "num_samples": args.sharpness_num_samples,
-          "rho": args.sharpness_rho}
+  return {
+    "first_call_s": first["sharpness_seconds"],
+    "evaluation_s": summary(evals),
+    "step": summary(steps),
+    "in_steps": statistics.median(evals) / statistics.median(steps),
+    "values": {k: v for k, v in first.items() if k != "sharpness_seconds"},
+    "num_iters": args.sharpness_num_iters,
+    "num_samples": args.sharpness_num_samples,
+    "rho": args.sharpness_rho,
+  }
 
 
 def summary(xs):
-  return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs),
-          "max_ms": 1e3 * max(xs), "windows": len(xs)}
+  return {
+    "median_ms": 1e3 * statistics.median(xs),
+    "min_ms": 1e3 * min(xs),
+    "max_ms": 1e3 * max(xs),
+    "windows": len(xs),
+  }
 
 
 def main(argv=None):
@@ -162,15 +176,17 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="timed windows per side")
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--out", default=None, help="folder for trainer_overhead.{json,md}")
-  p.add_argument("--sharpness", action="store_true",
-                 help="time one sharpness diagnostics evaluation instead of the trainer")
+  p.add_argument(
+    "--sharpness",
+    action="store_true",
+    help="time one sharpness diagnostics evaluation instead of the trainer",
+  )
   p.add_argument("--sharpness_num_iters", type=int, default=20)
   p.add_argument("--sharpness_num_samples", type=int, default=0)
   p.add_argument("--sharpness_rho", type=float, default=0.0)
   args = p.parse_args(argv)
   if args.quick:
-    args.model, args.width, args.batch_size, args.steps, args.repeats = (
-        "resnet8", 8, 32, 20, 5)
+    args.model, args.width, args.batch_size, args.steps, args.repeats = ("resnet8", 8, 32, 20, 5)
 
   with tempfile.TemporaryDirectory() as tmp:
     n_train = args.batch_size * args.steps * (args.repeats + 1) + args.batch_size
@@ -179,13 +195,15 @@ def main(argv=None):
     bare = BareStep(train.setup(config, tmp), args)
     if args.sharpness:
       result = sharpness_cost(config, tmp, bare, args)
-      print(f"Sharpness diagnostics, {args.model}, batch {args.batch_size} "
-            f"(num_iters={args.sharpness_num_iters}, num_samples={args.sharpness_num_samples}, "
-            f"rho={args.sharpness_rho}): {result['evaluation_s']['median_ms'] / 1e3:.2f} s per "
-            f"evaluation [{result['evaluation_s']['min_ms'] / 1e3:.2f}-"
-            f"{result['evaluation_s']['max_ms'] / 1e3:.2f}], {result['in_steps']:.1f} "
-            f"training steps of {result['step']['median_ms']:.0f} ms; first call (compiling) "
-            f"{result['first_call_s']:.1f} s; values {result['values']}")
+      print(
+        f"Sharpness diagnostics, {args.model}, batch {args.batch_size} "
+        f"(num_iters={args.sharpness_num_iters}, num_samples={args.sharpness_num_samples}, "
+        f"rho={args.sharpness_rho}): {result['evaluation_s']['median_ms'] / 1e3:.2f} s per "
+        f"evaluation [{result['evaluation_s']['min_ms'] / 1e3:.2f}-"
+        f"{result['evaluation_s']['max_ms'] / 1e3:.2f}], {result['in_steps']:.1f} "
+        f"training steps of {result['step']['median_ms']:.0f} ms; first call (compiling) "
+        f"{result['first_call_s']:.1f} s; values {result['values']}"
+      )
       if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sharpness_cost.json"), "w") as f:
@@ -195,35 +213,43 @@ def main(argv=None):
 
   pairs = list(zip(trainer, bare_windows))
   result = {
-      "model": args.model, "width": args.width, "optimizer": args.optimizer,
-      "batch_size": args.batch_size, "steps_per_window": args.steps,
-      "sam_step": summary([w for w, _ in bare_windows]),
-      "trainer": summary([w for w, _ in trainer]),
-      "ratio_of_medians": statistics.median(w for w, _ in trainer)
-      / statistics.median(w for w, _ in bare_windows),
-      "median_paired_ratio": statistics.median(t[0] / b[0] for t, b in pairs),
-      "paired_ratios": [t[0] / b[0] for t, b in pairs],
-      "cpu_time_ratio": statistics.median(t[1] for t, _ in pairs)
-      / statistics.median(b[1] for _, b in pairs),
-      "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-      "jax": jax.__version__,
+    "model": args.model,
+    "width": args.width,
+    "optimizer": args.optimizer,
+    "batch_size": args.batch_size,
+    "steps_per_window": args.steps,
+    "sam_step": summary([w for w, _ in bare_windows]),
+    "trainer": summary([w for w, _ in trainer]),
+    "ratio_of_medians": statistics.median(w for w, _ in trainer)
+    / statistics.median(w for w, _ in bare_windows),
+    "median_paired_ratio": statistics.median(t[0] / b[0] for t, b in pairs),
+    "paired_ratios": [t[0] / b[0] for t, b in pairs],
+    "cpu_time_ratio": statistics.median(t[1] for t, _ in pairs)
+    / statistics.median(b[1] for _, b in pairs),
+    "device": str(jax.devices()[0].device_kind),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
   }
-  table = "\n".join([
+  table = "\n".join(
+    [
       f"Trainer overhead, {args.model} ({args.optimizer}), batch {args.batch_size}, "
       f"{result['device']} ({os.cpu_count()} cores)",
       "",
       "| | median ms/step | min | max | windows |",
       "|---|---|---|---|---|",
-      *(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | "
-        f"{r['windows']} |" for name, r in (("sam_step alone", result["sam_step"]),
-                                              ("trainer", result["trainer"]))),
+      *(
+        f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | "
+        f"{r['windows']} |"
+        for name, r in (("sam_step alone", result["sam_step"]), ("trainer", result["trainer"]))
+      ),
       "",
       f"trainer / sam_step: median of paired window ratios "
       f"{result['median_paired_ratio']:.3f} (pairs: "
       f"{', '.join(f'{r:.3f}' for r in result['paired_ratios'])}); ratio of medians "
       f"{result['ratio_of_medians']:.3f}; process CPU time per step "
       f"{result['cpu_time_ratio']:.3f}",
-  ])
+    ]
+  )
   print(table)
   if args.out:
     os.makedirs(args.out, exist_ok=True)

@@ -108,14 +108,14 @@ def methods(loss_fn, k):
   interval = lambda: sam_optax.interval_sam(sam(), every=k)  # noqa: E731
   look = lambda: sam_optax.looksam(sam(), every=k, alpha=0.7)  # noqa: E731
   steps = {  # name -> (optimizer, sam_step options); SGD runs through sam_step's one-pass path
-      "sgd": (base(), {}),
-      "sam": (sam(), {}),
-      f"interval_sam_k{k}": (interval(), {}),
-      f"interval_sam_k{k}_cond": (interval(), {"host_dispatch": False}),
-      f"looksam_k{k}": (look(), {}),
-      f"looksam_k{k}_cond": (look(), {"host_dispatch": False}),
-      "looksam_non_sam_steps": (sam_optax.looksam(sam(), every=never, alpha=0.7), {}),
-      "gsam": (sam_optax.gsam(sam(), alpha=0.1), {}),
+    "sgd": (base(), {}),
+    "sam": (sam(), {}),
+    f"interval_sam_k{k}": (interval(), {}),
+    f"interval_sam_k{k}_cond": (interval(), {"host_dispatch": False}),
+    f"looksam_k{k}": (look(), {}),
+    f"looksam_k{k}_cond": (look(), {"host_dispatch": False}),
+    "looksam_non_sam_steps": (sam_optax.looksam(sam(), every=never, alpha=0.7), {}),
+    "gsam": (sam_optax.gsam(sam(), alpha=0.1), {}),
   }
   out = {n: (tx.init, sam_optax.sam_step(loss_fn, tx, **kw)) for n, (tx, kw) in steps.items()}
   out["looksam_floor"] = looksam_floor(loss_fn, base())
@@ -134,7 +134,9 @@ def main(argv=None):
   parser.add_argument("--width", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--cycles", type=int, default=None, help="k-step cycles per timed block")
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument(
+    "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  )
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 9)
   cycles = args.cycles or (1 if args.quick else 4)
@@ -157,7 +159,7 @@ def main(argv=None):
   times = {name: [] for name in names}
   cpu_times = {name: [] for name in names}
   for r in range(repeats):
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       step, params, state = runners[name]
       start, start_cpu = time.perf_counter(), time.process_time()
@@ -170,7 +172,7 @@ def main(argv=None):
 
   # Every step timed on its own (a sync after each): SAM steps and skipped steps apart.
   per_step = {name: [] for name in names}
-  for r in range(repeats):
+  for _ in range(repeats):
     for name in names:
       step, params, state = runners[name]
       for _ in range(steps):
@@ -186,65 +188,69 @@ def main(argv=None):
       sam_steps = [t for i, t in enumerate(per_step[name]) if i % args.k == 0]
       skipped = [t for i, t in enumerate(per_step[name]) if i % args.k]
       kinds[name] = {
-          "sam_step_ms": 1e3 * statistics.median(sam_steps),
-          "skipped_step_ms": 1e3 * statistics.median(skipped),
-          "sam_step_x_sgd": 1e3 * statistics.median(sam_steps) / sgd_step_ms,
-          "skipped_step_x_sgd": 1e3 * statistics.median(skipped) / sgd_step_ms,
+        "sam_step_ms": 1e3 * statistics.median(sam_steps),
+        "skipped_step_ms": 1e3 * statistics.median(skipped),
+        "sam_step_x_sgd": 1e3 * statistics.median(sam_steps) / sgd_step_ms,
+        "skipped_step_x_sgd": 1e3 * statistics.median(skipped) / sgd_step_ms,
       }
 
   def summary(samples, sgd_samples):
     ratios = [t / s for t, s in zip(samples, sgd_samples)]
     return {
-        "median_ms_per_step": 1e3 * statistics.median(samples),
-        "median_ratio_to_sgd": statistics.median(ratios),
-        "min_ratio": min(ratios),
-        "max_ratio": max(ratios),
+      "median_ms_per_step": 1e3 * statistics.median(samples),
+      "median_ratio_to_sgd": statistics.median(ratios),
+      "min_ratio": min(ratios),
+      "max_ratio": max(ratios),
     }
 
   results = {
-      "command": "python3 benchmarks/variants_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-      "model": args.model,
-      "device": str(jax.devices()[0]),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "batch_size": args.batch_size,
-      "width": args.width,
-      "k": args.k,
-      "repeats": repeats,
-      "steps_per_block": steps,
-      "wall": {n: summary(times[n], times["sgd"]) for n in names},
-      "cpu": {n: summary(cpu_times[n], cpu_times["sgd"]) for n in names},
-      "sgd_step_ms": sgd_step_ms,
-      "step_kinds": kinds,
+    "command": "python3 benchmarks/variants_cost.py "
+    + " ".join(argv if argv is not None else sys.argv[1:]),
+    "model": args.model,
+    "device": str(jax.devices()[0]),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "batch_size": args.batch_size,
+    "width": args.width,
+    "k": args.k,
+    "repeats": repeats,
+    "steps_per_block": steps,
+    "wall": {n: summary(times[n], times["sgd"]) for n in names},
+    "cpu": {n: summary(cpu_times[n], cpu_times["sgd"]) for n in names},
+    "sgd_step_ms": sgd_step_ms,
+    "step_kinds": kinds,
   }
-  targets = {f"interval_sam_k{args.k}": 1.25, f"looksam_k{args.k}": 1.30,
-             "looksam_non_sam_steps": 1.05}
+  targets = {
+    f"interval_sam_k{args.k}": 1.25,
+    f"looksam_k{args.k}": 1.30,
+    "looksam_non_sam_steps": 1.05,
+  }
   lines = [
-      f"Cost per step vs SGD: {args.model}, batch {args.batch_size}, {results['device']}, "
-      f"median of {repeats} repeats of {steps} steps (wall clock; process CPU time)",
-      "",
-      "| method | ms/step (wall) | x SGD (wall) | spread | x SGD (CPU time) | spread | target |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+    f"Cost per step vs SGD: {args.model}, batch {args.batch_size}, {results['device']}, "
+    f"median of {repeats} repeats of {steps} steps (wall clock; process CPU time)",
+    "",
+    "| method | ms/step (wall) | x SGD (wall) | spread | x SGD (CPU time) | spread | target |",
+    "|---|---:|---:|---:|---:|---:|---:|",
   ]
   for n in names:
     w, c = results["wall"][n], results["cpu"][n]
     target = f"<= {targets[n]:.2f}" if n in targets else ""
     lines.append(
-        f"| {n} | {w['median_ms_per_step']:.2f} | {w['median_ratio_to_sgd']:.3f} | "
-        f"{w['min_ratio']:.2f}-{w['max_ratio']:.2f} | {c['median_ratio_to_sgd']:.3f} | "
-        f"{c['min_ratio']:.2f}-{c['max_ratio']:.2f} | {target} |"
+      f"| {n} | {w['median_ms_per_step']:.2f} | {w['median_ratio_to_sgd']:.3f} | "
+      f"{w['min_ratio']:.2f}-{w['max_ratio']:.2f} | {c['median_ratio_to_sgd']:.3f} | "
+      f"{c['min_ratio']:.2f}-{c['max_ratio']:.2f} | {target} |"
     )
   lines += [
-      "",
-      f"Each step timed on its own (SGD step: {sgd_step_ms:.2f} ms):",
-      "",
-      "| method | SAM step ms | x SGD | skipped step ms | x SGD |",
-      "|---|---:|---:|---:|---:|",
+    "",
+    f"Each step timed on its own (SGD step: {sgd_step_ms:.2f} ms):",
+    "",
+    "| method | SAM step ms | x SGD | skipped step ms | x SGD |",
+    "|---|---:|---:|---:|---:|",
   ]
   for n, kd in kinds.items():
     lines.append(
-        f"| {n} | {kd['sam_step_ms']:.2f} | {kd['sam_step_x_sgd']:.2f} | "
-        f"{kd['skipped_step_ms']:.2f} | {kd['skipped_step_x_sgd']:.2f} |"
+      f"| {n} | {kd['sam_step_ms']:.2f} | {kd['sam_step_x_sgd']:.2f} | "
+      f"{kd['skipped_step_ms']:.2f} | {kd['skipped_step_x_sgd']:.2f} |"
     )
   table = "\n".join(lines)
   print(table)

@@ -74,8 +74,9 @@ def transposes_only(x, dy):
 def entry_ops(compiled) -> list[str]:
   entry = compiled.as_text().split("ENTRY")[1]
   ops = []
-  for m in re.finditer(r"^\s+(?:ROOT )?%([\w\-]+?)(?:\.\d+)? = (\S+) (\w[\w\-]*)\((.*)$",
-                       entry, re.M):
+  for m in re.finditer(
+    r"^\s+(?:ROOT )?%([\w\-]+?)(?:\.\d+)? = (\S+) (\w[\w\-]*)\((.*)$", entry, re.M
+  ):
     name, shape, op, rest = m.groups()
     if op in ("parameter", "tuple", "bitcast", "constant", "get-tuple-element"):
       continue
@@ -114,18 +115,20 @@ def main():
   x = jax.random.normal(kx, (n, s, s, c), jnp.float32)
   w = jax.random.normal(kw, (3, 3, c, c), jnp.float32) * 0.1
   dy = jax.random.normal(kd, (n, s, s, c), jnp.float32)
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; batch {n}, {s}x{s}, "
-        f"{c}->{c} channels, float32, NHWC/HWIO")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].device_kind}; batch {n}, {s}x{s}, "
+    f"{c}->{c} channels, float32, NHWC/HWIO"
+  )
   print("\nThe weight gradient before optimisation:")
   hlo = jax.jit(weight_grad).lower(x, dy).as_text(dialect="hlo")
   for line in hlo.splitlines():
     if "convolution(" in line:
       print("  " + re.sub(r",? metadata=.*", "", line.strip()))
   cases = {
-      "forward": (forward, (x, w)),
-      "input gradient": (input_grad, (w, dy)),
-      "weight gradient": (weight_grad, (x, dy)),
-      "the two transposes alone": (transposes_only, (x, dy)),
+    "forward": (forward, (x, w)),
+    "input gradient": (input_grad, (w, dy)),
+    "weight gradient": (weight_grad, (x, dy)),
+    "the two transposes alone": (transposes_only, (x, dy)),
   }
   compiled = {}
   for label, (fn, a) in cases.items():
@@ -138,7 +141,9 @@ def main():
       print(f"    {op}")
   ref = np.asarray(compiled["weight gradient", "Eigen"][0](x, dy))
   got = np.asarray(compiled["weight gradient", "YNNPACK (default)"][0](x, dy))
-  print(f"  YNNPACK vs Eigen: max relative difference {np.abs(got - ref).max() / np.abs(ref).max():.1e}")
+  print(
+    f"  YNNPACK vs Eigen: max relative difference {np.abs(got - ref).max() / np.abs(ref).max():.1e}"
+  )
   cpu = {k: [] for k in compiled}
   wall = {k: [] for k in compiled}
   for _ in range(args.rounds):  # interleaved rounds: every variant sees the same load
@@ -151,8 +156,10 @@ def main():
   print(f"\nms per call, median of {args.rounds} interleaved rounds (CPU time / wall time):")
   print(f"  {'':26s} {'YNNPACK (default)':>22s} {'Eigen':>22s}")
   for label in cases:
-    cells = [f"{1e3 * np.median(cpu[label, cfg]):8.1f} / {1e3 * np.median(wall[label, cfg]):8.1f}"
-             for cfg in ("YNNPACK (default)", "Eigen")]
+    cells = [
+      f"{1e3 * np.median(cpu[label, cfg]):8.1f} / {1e3 * np.median(wall[label, cfg]):8.1f}"
+      for cfg in ("YNNPACK (default)", "Eigen")
+    ]
     print(f"  {label:26s} {cells[0]:>22s} {cells[1]:>22s}")
   print("\nWeight gradient by HLO kind (jax.profiler, ms per call):")
   for cfg in ("YNNPACK (default)", "Eigen"):

@@ -108,7 +108,7 @@ def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
 
 
 def polyak_ratio(
-    loss_gap: jax.Array, grads: Any, perturbation: Any, eps: jax.Array, dtype: jnp.dtype
+  loss_gap: jax.Array, grads: Any, perturbation: Any, eps: jax.Array, dtype: jnp.dtype
 ) -> jax.Array:
   r"""(loss_gap - <g, δ>) / max(‖g‖², eps), overflow-safe (δ may be None: <g, δ> = 0).
 
@@ -129,7 +129,7 @@ def polyak_ratio(
       gd_s = jnp.zeros([], dtype)
     else:
       gd_s = _tree_sum(
-          [jnp.sum(x * y.astype(dtype)) for x, y in zip(gs, jax.tree.leaves(trees[1]))], dtype
+        [jnp.sum(x * y.astype(dtype)) for x, y in zip(gs, jax.tree.leaves(trees[1]))], dtype
       )
     return ((loss_gap * s - gd_s) / jnp.maximum(gg_s, eps * s * s)) * s
 
@@ -160,10 +160,10 @@ def resolve_scalar(name: str, hyperparam: Any, count: jax.Array, dtype: jnp.dtyp
   """
   value = jnp.asarray(resolve(hyperparam, count))
   if value.ndim != 0 or not (
-      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
   ):
     raise ValueError(
-        f"`{name}` must resolve to a real scalar, got dtype {value.dtype} and shape {value.shape}."
+      f"`{name}` must resolve to a real scalar, got dtype {value.dtype} and shape {value.shape}."
     )
   return value.astype(dtype)
 
@@ -191,14 +191,14 @@ def is_concrete_number(value: Any) -> bool:
 
 
 def check_scalar_hyperparam(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    allow_schedule: bool = True,
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  allow_schedule: bool = True,
 ) -> None:
   """Validates a float-or-schedule hyperparameter at construction time.
 
@@ -216,14 +216,15 @@ def check_scalar_hyperparam(
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     dtype, shape = value.dtype, np.shape(value)
     real = (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) and not (
-        jnp.issubdtype(dtype, jnp.bool_))
+      jnp.issubdtype(dtype, jnp.bool_)
+    )
     if shape != () or not real:
       raise ValueError(f"`{name}` must be {what}, got an array of dtype {dtype} and shape {shape}.")
     if isinstance(value, jax.core.Tracer):
       return  # traced: clipped at run time by the transform (see its docstring).
   elif isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise ValueError(
-        f"`{name}` must be {what} (a real scalar), got {value!r} ({type(value).__name__})."
+      f"`{name}` must be {what} (a real scalar), got {value!r} ({type(value).__name__})."
     )
   v = float(value)
   if not np.isfinite(v):

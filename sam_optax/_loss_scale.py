@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sam_optax import _common
@@ -37,13 +36,13 @@ class DynamicLossScaleState(NamedTuple):
 
 
 def dynamic_loss_scale(
-    optimizer: optax.GradientTransformation,
-    *,
-    init_scale: float = 2.0**15,
-    growth_interval: int = 2000,
-    growth_factor: float = 2.0,
-    backoff_factor: float = 0.5,
-    min_scale: float = 1.0,
+  optimizer: optax.GradientTransformation,
+  *,
+  init_scale: float = 2.0**15,
+  growth_interval: int = 2000,
+  growth_factor: float = 2.0,
+  backoff_factor: float = 0.5,
+  min_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a SAM optimizer with dynamic loss scaling for float16 training.
 
@@ -82,22 +81,29 @@ def dynamic_loss_scale(
   References:
     Micikevicius et al., *Mixed Precision Training*, ICLR 2018, `arXiv:1710.03740 <https://arxiv.org/abs/1710.03740>`__.
   """
-  _common.check_scalar_hyperparam("init_scale", init_scale, low=0.0, low_open=True, allow_schedule=False)
-  _common.check_scalar_hyperparam("min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False)
+  _common.check_scalar_hyperparam(
+    "init_scale", init_scale, low=0.0, low_open=True, allow_schedule=False
+  )
+  _common.check_scalar_hyperparam(
+    "min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False
+  )
   # Concrete values are checked here; traced ones (optax.inject_hyperparams) are not.
   if _common.is_concrete_number(growth_interval) and (
-      int(growth_interval) != growth_interval or growth_interval < 1
+    int(growth_interval) != growth_interval or growth_interval < 1
   ):
     raise ValueError(f"`growth_interval` must be a positive int, got {growth_interval!r}.")
+  _common.check_scalar_hyperparam("growth_interval", growth_interval, low=1.0, allow_schedule=False)
   _common.check_scalar_hyperparam(
-      "growth_interval", growth_interval, low=1.0, allow_schedule=False
+    "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
   )
   _common.check_scalar_hyperparam(
-      "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
-  )
-  _common.check_scalar_hyperparam(
-      "backoff_factor", backoff_factor, low=0.0, low_open=True, high=1.0, high_open=True,
-      allow_schedule=False,
+    "backoff_factor",
+    backoff_factor,
+    low=0.0,
+    low_open=True,
+    high=1.0,
+    high_open=True,
+    allow_schedule=False,
   )
   optimizer = optax.with_extra_args_support(optimizer)
 
@@ -105,23 +111,24 @@ def dynamic_loss_scale(
     inner = optimizer.init(params)
     if any(isinstance(n, DynamicLossScaleState) for n in _protocol.nodes(inner)):
       raise ValueError(
-          "dynamic_loss_scale is nested inside another dynamic_loss_scale: the loss would "
-          "be scaled once and unscaled twice. Wrap the optimizer once."
+        "dynamic_loss_scale is nested inside another dynamic_loss_scale: the loss would "
+        "be scaled once and unscaled twice. Wrap the optimizer once."
       )
     return DynamicLossScaleState(
-        inner=inner,
-        scale=jnp.asarray(init_scale, jnp.float32),
-        good_steps=jnp.zeros([], jnp.int32),
-        skipped=jnp.array(False),
+      inner=inner,
+      scale=jnp.asarray(init_scale, jnp.float32),
+      good_steps=jnp.zeros([], jnp.int32),
+      skipped=jnp.array(False),
     )
 
   def update_fn(
-      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+    updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
   ):
     _protocol.check_local_ascent(
-        sam_context, "dynamic_loss_scale",
-        "its overflow check reads each replica's own gradient, so replicas could disagree "
-        "on skipping a step (use bfloat16 instead of float16 for local ascent)",
+      sam_context,
+      "dynamic_loss_scale",
+      "its overflow check reads each replica's own gradient, so replicas could disagree "
+      "on skipping a step (use bfloat16 instead of float16 for local ascent)",
     )
 
     def unscale(x):
@@ -134,6 +141,7 @@ def dynamic_loss_scale(
 
     grads = jax.tree.map(unscale, updates)
     if value_and_grad_fn is not None:
+
       def unscaled_value_and_grad(p):
         value, g = value_and_grad_fn(p)
         g = jax.tree.map(unscale, g)
@@ -152,7 +160,11 @@ def dynamic_loss_scale(
       # The unscaled gradient is the clean gradient the wrapped optimizer must see.
       extra_args["sam_context"] = sam_context._replace(clean_grads=grads)
     new_updates, new_inner = optimizer.update(grads, state.inner, params, **extra_args)
-    finite = _protocol.all_finite(grads) & _protocol.all_finite(new_updates) & _protocol.all_finite(new_inner)
+    finite = (
+      _protocol.all_finite(grads)
+      & _protocol.all_finite(new_updates)
+      & _protocol.all_finite(new_inner)
+    )
 
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
     new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_inner, state.inner)
@@ -160,16 +172,16 @@ def dynamic_loss_scale(
     grow = good >= growth_interval
     grown = state.scale * growth_factor
     scale = jnp.where(
-        finite,
-        # Never grow into inf (1/inf would zero every gradient).
-        jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
-        jnp.maximum(state.scale * backoff_factor, min_scale),
+      finite,
+      # Never grow into inf (1/inf would zero every gradient).
+      jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
+      jnp.maximum(state.scale * backoff_factor, min_scale),
     )
     return new_updates, DynamicLossScaleState(
-        inner=new_inner,
-        scale=scale.astype(jnp.float32),
-        good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
-        skipped=~finite,
+      inner=new_inner,
+      scale=scale.astype(jnp.float32),
+      good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
+      skipped=~finite,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

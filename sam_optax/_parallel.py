@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,8 @@ def check_batch_divisible(batch: Any, num_shards: int, *, what: str | None = Non
   if size % num_shards:
     what = what or f"{num_shards} shards"
     raise ValueError(
-        f"`batch` has {size} examples on its leading axis, which is not divisible by "
-        f"{what}; use a batch size that is a multiple of {num_shards}."
+      f"`batch` has {size} examples on its leading axis, which is not divisible by "
+      f"{what}; use a batch size that is a multiple of {num_shards}."
     )
   return size
 
@@ -133,14 +134,16 @@ def global_batch(local_batch: Any, mesh: Mesh, axis: str = "data") -> Any:
   sharding = NamedSharding(mesh, PartitionSpec(axis))
   # The number of distinct slices of the example axis held by this process's devices.
   position = mesh.axis_names.index(axis)
-  local_shards = len({
+  local_shards = len(
+    {
       index[position]
       for index, device in np.ndenumerate(mesh.devices)
       if device.process_index == jax.process_index()
-  })
+    }
+  )
   check_batch_divisible(
-      local_batch, local_shards, what=f"this process's {local_shards} devices on mesh axis {axis!r}"
+    local_batch, local_shards, what=f"this process's {local_shards} devices on mesh axis {axis!r}"
   )
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,22 +57,22 @@ def lambda_schedule(lambd: Any) -> Any:
     if lambd == "1-1/t":
       return lambda count: 1.0 - 1.0 / (count + 1.0)
     raise ValueError(
-        f"`lambd` must be a float in [0, 1], an optax schedule, or one of "
-        f"{_LAMBDA_SCHEDULES}; got {lambd!r}."
+      f"`lambd` must be a float in [0, 1], an optax schedule, or one of "
+      f"{_LAMBDA_SCHEDULES}; got {lambd!r}."
     )
   _common.check_scalar_hyperparam("lambd", lambd, low=0.0, high=1.0)
   return lambd
 
 
 def unified_perturbation(
-    rho: optax.ScalarOrSchedule = 0.05,
-    lambd: Any = 1.0,
-    *,
-    norm: str = "l2",
-    eps: float | None = None,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    mask: Any = None,
+  rho: optax.ScalarOrSchedule = 0.05,
+  lambd: Any = 1.0,
+  *,
+  norm: str = "l2",
+  eps: float | None = None,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  mask: Any = None,
 ) -> optax.GradientTransformation:
   r"""The Unified SAM ascent: maps the gradient at x to the perturbation δ.
 
@@ -158,19 +159,19 @@ def unified_perturbation(
     raise ValueError(f"`adaptive` must be a bool, got {adaptive!r}.")
   if not adaptive and mask is not None:
     raise ValueError(
-        "`mask` selects the leaves that ASAM scales and needs adaptive=True. To "
-        "leave leaves out of the perturbation, zero their gradient before it with "
-        "optax.masked(optax.set_to_zero(), ...) in an optax.chain."
+      "`mask` selects the leaves that ASAM scales and needs adaptive=True. To "
+      "leave leaves out of the perturbation, zero their gradient before it with "
+      "optax.masked(optax.set_to_zero(), ...) in an optax.chain."
     )
 
   def init_fn(params):
     dtype = _common.accumulation_dtype(params)
     # One buffer per field: a shared array could not be donated to a compiled step.
     return UnifiedPerturbationState(
-        count=jnp.zeros([], jnp.int32),
-        rho_t=jnp.zeros([], dtype),
-        lambda_t=jnp.zeros([], dtype),
-        grad_norm=jnp.zeros([], dtype),
+      count=jnp.zeros([], jnp.int32),
+      rho_t=jnp.zeros([], dtype),
+      lambda_t=jnp.zeros([], dtype),
+      grad_norm=jnp.zeros([], dtype),
     )
 
   def update_fn(updates, state, params=None):
@@ -181,7 +182,7 @@ def unified_perturbation(
     # into the valid range (never an ascent of the wrong sign, never NaN).
     rho_t = _common.clip_traced(_common.resolve_scalar("rho", rho, state.count, dtype), 0.0)
     lambd_t = _common.clip_traced(
-        _common.resolve_scalar("lambd", lambd, state.count, dtype), 0.0, 1.0
+      _common.resolve_scalar("lambd", lambd, state.count, dtype), 0.0, 1.0
     )
     # eps > 0 keeps a zero gradient's δ at 0 (not 0/0) if an injected eps is <= 0.
     eps_t = _common.clip_traced(jnp.asarray(eps, dtype), float(jnp.finfo(dtype).tiny))
@@ -192,7 +193,7 @@ def unified_perturbation(
       eta_t = _common.clip_traced(jnp.asarray(eta, dtype), 0.0)
       # T = 1 on masked-out leaves: multiplying by 1.0 is exact (and folded away).
       scale = jax.tree.map(
-          lambda x, k: jnp.abs(x.astype(dtype)) + eta_t if k else 1.0, params, keep
+        lambda x, k: jnp.abs(x.astype(dtype)) + eta_t if k else 1.0, params, keep
       )
       direction = jax.tree.map(lambda g, s: g.astype(dtype) * s, updates, scale)
       direction_norm = _common.tree_norm(direction, dtype)
@@ -207,21 +208,19 @@ def unified_perturbation(
       delta = jax.tree.map(lambda d: coef * d, direction)
     else:
       delta = jax.tree.map(
-          lambda d: rho_t * ((1.0 - lambd_t) * d + lambd_t * jnp.sign(d)), direction
+        lambda d: rho_t * ((1.0 - lambd_t) * d + lambd_t * jnp.sign(d)), direction
       )
     if adaptive:
       delta = jax.tree.map(lambda d, s: d * s, delta, scale)
     # ρ_t = 0 means e = x exactly, even for a non-finite g (no 0·inf); computed in
     # the accumulation dtype, returned in each leaf's own dtype.
-    delta = jax.tree.map(
-        lambda d, g: jnp.where(rho_t > 0, d, 0.0).astype(g.dtype), delta, updates
-    )
+    delta = jax.tree.map(lambda d, g: jnp.where(rho_t > 0, d, 0.0).astype(g.dtype), delta, updates)
 
     new_state = UnifiedPerturbationState(
-        count=optax.safe_increment(state.count),
-        rho_t=rho_t.astype(state.rho_t.dtype),
-        lambda_t=lambd_t.astype(state.lambda_t.dtype),
-        grad_norm=grad_norm.astype(state.grad_norm.dtype),
+      count=optax.safe_increment(state.count),
+      rho_t=rho_t.astype(state.rho_t.dtype),
+      lambda_t=lambd_t.astype(state.lambda_t.dtype),
+      grad_norm=grad_norm.astype(state.grad_norm.dtype),
     )
     return delta, new_state
 
@@ -238,14 +237,14 @@ def _adaptive_mask(mask: Any, params: Any) -> Any:
     full = jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask_tree, params)
   except (ValueError, TypeError) as err:
     raise ValueError(
-        "`mask` must have the structure of the parameters (or a prefix of it); "
-        f"got {jax.tree.structure(mask_tree)} for parameters "
-        f"{jax.tree.structure(params)}."
+      "`mask` must have the structure of the parameters (or a prefix of it); "
+      f"got {jax.tree.structure(mask_tree)} for parameters "
+      f"{jax.tree.structure(params)}."
     ) from err
   for leaf in jax.tree.leaves(full):
     if not isinstance(leaf, (bool, np.bool_)):
       raise TypeError(
-          "`mask` leaves must be Python bools (the mask is static, as in "
-          f"optax.masked); got {type(leaf).__name__}."
+        "`mask` leaves must be Python bools (the mask is static, as in "
+        f"optax.masked); got {type(leaf).__name__}."
       )
   return jax.tree.map(bool, full)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +28,11 @@ class PolyakStepSizeState(NamedTuple):
 
 
 def polyak_step_size(
-    f_star: optax.ScalarOrSchedule = 0.0,
-    gamma_b: optax.ScalarOrSchedule = 1.0,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    eps: float | None = None,
+  f_star: optax.ScalarOrSchedule = 0.0,
+  gamma_b: optax.ScalarOrSchedule = 1.0,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  eps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Stochastic Polyak scheduler of SAM-SPS, capped at γ_b.
 
@@ -91,23 +91,30 @@ def polyak_step_size(
 
   def init_fn(params):
     return PolyakStepSizeState(
-        count=jnp.zeros([], jnp.int32),
-        step_size=jnp.zeros([], _common.accumulation_dtype(params)),
+      count=jnp.zeros([], jnp.int32),
+      step_size=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
   def update_fn(
-      updates, state, params=None, *, value=None, perturbation=None, sam_context=None,
-      **extra_args,
+    updates,
+    state,
+    params=None,
+    *,
+    value=None,
+    perturbation=None,
+    sam_context=None,
+    **extra_args,
   ):
     del extra_args
     _protocol.check_local_ascent(
-        sam_context, "the Polyak step size (sam_sps)",
-        "γ_t uses <∇f(e), δ> with each replica's own δ",
+      sam_context,
+      "the Polyak step size (sam_sps)",
+      "γ_t uses <∇f(e), δ> with each replica's own δ",
     )
     if value is None:
       raise ValueError(
-          "polyak_step_size needs the loss at the point the gradient was taken: "
-          "call update(..., value=loss)."
+        "polyak_step_size needs the loss at the point the gradient was taken: "
+        "call update(..., value=loss)."
       )
     if not no_decay and params is None:
       raise ValueError("polyak_step_size(weight_decay=...) needs `params`.")
@@ -125,22 +132,22 @@ def polyak_step_size(
 
     if no_decay:
       new_updates = jax.tree.map(
-          lambda g: jnp.where(move, -gamma * g.astype(dtype), 0.0).astype(g.dtype), updates
+        lambda g: jnp.where(move, -gamma * g.astype(dtype), 0.0).astype(g.dtype), updates
       )
     else:
       wd = _common.clip_traced(
-          _common.resolve_scalar("weight_decay", weight_decay, state.count, dtype), 0.0
+        _common.resolve_scalar("weight_decay", weight_decay, state.count, dtype), 0.0
       )
       new_updates = jax.tree.map(
-          lambda g, x: jnp.where(
-              move, -gamma * (g.astype(dtype) + wd * x.astype(dtype)), 0.0
-          ).astype(g.dtype),
-          updates,
-          params,
+        lambda g, x: jnp.where(move, -gamma * (g.astype(dtype) + wd * x.astype(dtype)), 0.0).astype(
+          g.dtype
+        ),
+        updates,
+        params,
       )
     new_state = PolyakStepSizeState(
-        count=optax.safe_increment(state.count),
-        step_size=gamma.astype(state.step_size.dtype),
+      count=optax.safe_increment(state.count),
+      step_size=gamma.astype(state.step_size.dtype),
     )
     return new_updates, new_state
 

@@ -15,7 +15,9 @@ A new variant therefore touches one module: its own.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,25 +121,25 @@ def check_wrappers(opt_state: Any) -> None:
   for node in nodes(opt_state):
     if isinstance(node, optax.MultiStepsState) and any(map(is_two_pass, nodes(node))):
       raise ValueError(
-          "optax.MultiSteps around a SAM optimizer would perturb with the accumulated "
-          "gradient but descend with the last micro-batch's ∇f(e) alone. For exact "
-          "gradient accumulation use sam_step(..., microbatches=k); for the cheaper "
-          "algorithm in which each micro-batch is perturbed by its own gradient, put "
-          "MultiSteps inside the base optimizer: unified_sam(optax.MultiSteps(base, k), ...)."
+        "optax.MultiSteps around a SAM optimizer would perturb with the accumulated "
+        "gradient but descend with the last micro-batch's ∇f(e) alone. For exact "
+        "gradient accumulation use sam_step(..., microbatches=k); for the cheaper "
+        "algorithm in which each micro-batch is perturbed by its own gradient, put "
+        "MultiSteps inside the base optimizer: unified_sam(optax.MultiSteps(base, k), ...)."
       )
     if isinstance(node, (optax.MaskedState, optax.PartitionState)) and any(
-        callable(getattr(type(n), "sam_loss_scale", None)) for n in nodes(node)
+      callable(getattr(type(n), "sam_loss_scale", None)) for n in nodes(node)
     ):
       raise ValueError(
-          "dynamic_loss_scale inside optax.masked / optax.multi_transform: the leaves outside "
-          "it would receive the loss-scaled gradient. Wrap it around instead: "
-          "dynamic_loss_scale(optax.masked(...)) or dynamic_loss_scale(optax.multi_transform(...))."
+        "dynamic_loss_scale inside optax.masked / optax.multi_transform: the leaves outside "
+        "it would receive the loss-scaled gradient. Wrap it around instead: "
+        "dynamic_loss_scale(optax.masked(...)) or dynamic_loss_scale(optax.multi_transform(...))."
       )
     if isinstance(node, optax.LookaheadState):
       raise ValueError(
-          "sam_step cannot drive optax.lookahead: its update takes LookaheadParams and "
-          "the gradient of the fast parameters only, and passes no extra arguments to "
-          "the optimizer it wraps. Use lookahead in your own loop (one-pass optimizers only)."
+        "sam_step cannot drive optax.lookahead: its update takes LookaheadParams and "
+        "the gradient of the fast parameters only, and passes no extra arguments to "
+        "the optimizer it wraps. Use lookahead in your own loop (one-pass optimizers only)."
       )
 
 
@@ -145,8 +147,8 @@ def check_local_ascent(context: StepContext | None, name: str, why: str) -> None
   """Raises for a component that cannot run with a per-replica (local) ascent."""
   if context is not None and context.local_axes:
     raise ValueError(
-        f"`ascent='local'` (m-sharpness) is not supported with {name}: {why}, so the "
-        "replicas would take different steps. Use ascent='sync'."
+      f"`ascent='local'` (m-sharpness) is not supported with {name}: {why}, so the "
+      "replicas would take different steps. Use ascent='sync'."
     )
 
 
@@ -157,21 +159,21 @@ def check_clean_gradient(updates: Any, context: StepContext | None) -> None:
   is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   try:
     same = jax.tree.map(
-        lambda u, c: is_masked(u) or u is c, updates, context.clean_grads, is_leaf=is_masked
+      lambda u, c: is_masked(u) or u is c, updates, context.clean_grads, is_leaf=is_masked
     )
   except (ValueError, TypeError):
     same = [False]
   if not all(jax.tree.leaves(same)):
     raise ValueError(
-        "A SAM optimizer received a gradient other than the clean gradient sam_step "
-        "computed: a transform or wrapper outside it changed the gradient (e.g. "
-        "optax.chain(clip_or_decay, sam) or optax.MultiSteps(sam)), which would shape "
-        "only the ascent. Put descent transforms (clipping, weight decay, masks, "
-        "MultiSteps) inside the base optimizer: unified_sam(optax.chain(T, base), ...); "
-        "put ascent transforms before the perturbation: "
-        "sharpness_aware(optax.chain(T, unified_perturbation(...)), base); transforms of "
-        "the final update go after: optax.chain(sam, T). For exact gradient "
-        "accumulation use sam_step(..., microbatches=k)."
+      "A SAM optimizer received a gradient other than the clean gradient sam_step "
+      "computed: a transform or wrapper outside it changed the gradient (e.g. "
+      "optax.chain(clip_or_decay, sam) or optax.MultiSteps(sam)), which would shape "
+      "only the ascent. Put descent transforms (clipping, weight decay, masks, "
+      "MultiSteps) inside the base optimizer: unified_sam(optax.chain(T, base), ...); "
+      "put ascent transforms before the perturbation: "
+      "sharpness_aware(optax.chain(T, unified_perturbation(...)), base); transforms of "
+      "the final update go after: optax.chain(sam, T). For exact gradient "
+      "accumulation use sam_step(..., microbatches=k)."
     )
 
 

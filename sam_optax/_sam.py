@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,8 @@ class SAMState(NamedTuple):
 
 
 def sharpness_aware(
-    perturbation: optax.GradientTransformation,
-    descent: optax.GradientTransformation,
+  perturbation: optax.GradientTransformation,
+  descent: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Composes an ascent and a descent into one two-pass SAM transformation.
 
@@ -77,33 +79,33 @@ def sharpness_aware(
 
   def init_fn(params):
     return SAMState(
-        perturbation=perturbation.init(params),
-        descent=descent.init(params),
-        perturbed_loss=jnp.zeros([], _common.accumulation_dtype(params)),
+      perturbation=perturbation.init(params),
+      descent=descent.init(params),
+      perturbed_loss=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
   def update_fn(
-      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+    updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
   ):
     if params is None:
       raise ValueError("A SAM optimizer's update needs `params` (the point x).")
     if value_and_grad_fn is None:
       raise ValueError(
-          "A SAM optimizer's update needs the keyword argument "
-          "`value_and_grad_fn(params) -> (loss, grads)` to evaluate the perturbed "
-          "point; use sam_optax.sam_step, which passes it for you. If you did, a wrapper "
-          "around the SAM optimizer dropped it: wrappers that take no extra arguments "
-          "(optax.lookahead, optax.MultiSteps, GradientTransformation(...) built by hand) "
-          "cannot hold a SAM optimizer. Put them inside the base optimizer, "
-          "unified_sam(wrapper(base), ...); for gradient accumulation use "
-          "sam_step(..., microbatches=k)."
+        "A SAM optimizer's update needs the keyword argument "
+        "`value_and_grad_fn(params) -> (loss, grads)` to evaluate the perturbed "
+        "point; use sam_optax.sam_step, which passes it for you. If you did, a wrapper "
+        "around the SAM optimizer dropped it: wrappers that take no extra arguments "
+        "(optax.lookahead, optax.MultiSteps, GradientTransformation(...) built by hand) "
+        "cannot hold a SAM optimizer. Put them inside the base optimizer, "
+        "unified_sam(wrapper(base), ...); for gradient accumulation use "
+        "sam_step(..., microbatches=k)."
       )
     _protocol.check_clean_gradient(updates, sam_context)
     if sam_context is None and _has_masked_node(params):
       raise ValueError(
-          "A masked SAM optimizer (optax.masked / optax.multi_transform around it) in a "
-          "plain loop would call your value_and_grad_fn with optax.MaskedNode leaves. "
-          "Use sam_optax.sam_step, which evaluates the masked-out leaves at x."
+        "A masked SAM optimizer (optax.masked / optax.multi_transform around it) in a "
+        "plain loop would call your value_and_grad_fn with optax.MaskedNode leaves. "
+        "Use sam_optax.sam_step, which evaluates the masked-out leaves at x."
       )
     local_axes = sam_context.local_axes if sam_context is not None else ()
     delta, perturbation_state = perturbation.update(updates, state.perturbation, params)
@@ -116,12 +118,12 @@ def sharpness_aware(
     if sam_context is not None:
       extra_args["sam_context"] = sam_context
     new_updates, descent_state = descent.update(
-        perturbed_grads, state.descent, params, **extra_args
+      perturbed_grads, state.descent, params, **extra_args
     )
     new_state = SAMState(
-        perturbation=perturbation_state,
-        descent=descent_state,
-        perturbed_loss=jnp.asarray(perturbed_loss, state.perturbed_loss.dtype),
+      perturbation=perturbation_state,
+      descent=descent_state,
+      perturbed_loss=jnp.asarray(perturbed_loss, state.perturbed_loss.dtype),
     )
     return new_updates, new_state
 
@@ -132,8 +134,7 @@ def _split_value(out: Any) -> tuple[jax.Array, Any]:
   """``(loss, grads)`` from a value_and_grad_fn's output; ``((loss, aux), grads)`` is accepted."""
   if not (isinstance(out, (tuple, list)) and len(out) == 2):
     raise TypeError(
-        "`value_and_grad_fn(params)` must return a pair (loss, grads); got "
-        f"{type(out).__name__}."
+      f"`value_and_grad_fn(params)` must return a pair (loss, grads); got {type(out).__name__}."
     )
   value, grads = out
   if isinstance(value, (tuple, list)) and len(value) == 2:
@@ -144,8 +145,8 @@ def _split_value(out: Any) -> tuple[jax.Array, Any]:
     shape = None
   if shape != ():
     raise TypeError(
-        "`value_and_grad_fn(params)` must return (loss, grads) with a scalar loss; got a "
-        f"loss of type {type(value).__name__} and shape {shape}."
+      "`value_and_grad_fn(params)` must return (loss, grads) with a scalar loss; got a "
+      f"loss of type {type(value).__name__} and shape {shape}."
     )
   return value, grads
 
@@ -156,15 +157,15 @@ def _has_masked_node(tree: Any) -> bool:
 
 
 def unified_sam(
-    base_optimizer: optax.GradientTransformation,
-    rho: optax.ScalarOrSchedule = 0.05,
-    lambd: Any = 1.0,
-    *,
-    norm: str = "l2",
-    eps: float | None = None,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    mask: Any = None,
+  base_optimizer: optax.GradientTransformation,
+  rho: optax.ScalarOrSchedule = 0.05,
+  lambd: Any = 1.0,
+  *,
+  norm: str = "l2",
+  eps: float | None = None,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Unified SAM: the λ-perturbation followed by any optax optimizer.
 
@@ -202,26 +203,26 @@ def unified_sam(
   """
   if not hasattr(base_optimizer, "init") or not hasattr(base_optimizer, "update"):
     raise ValueError(
-        f"`base_optimizer` must be an optax GradientTransformation, got {base_optimizer!r}."
+      f"`base_optimizer` must be an optax GradientTransformation, got {base_optimizer!r}."
     )
   perturbation = unified_perturbation(
-      rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask
+    rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask
   )
   return sharpness_aware(perturbation, base_optimizer)
 
 
 def sam_sps(
-    rho: optax.ScalarOrSchedule = 0.1,
-    lambd: Any = 1.0,
-    f_star: optax.ScalarOrSchedule = 0.0,
-    gamma_b: optax.ScalarOrSchedule = 1.0,
-    weight_decay: optax.ScalarOrSchedule = 5e-4,
-    *,
-    norm: str = "l2",
-    eps: float | None = None,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    mask: Any = None,
+  rho: optax.ScalarOrSchedule = 0.1,
+  lambd: Any = 1.0,
+  f_star: optax.ScalarOrSchedule = 0.0,
+  gamma_b: optax.ScalarOrSchedule = 1.0,
+  weight_decay: optax.ScalarOrSchedule = 5e-4,
+  *,
+  norm: str = "l2",
+  eps: float | None = None,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM-SPS: SAM (or USAM) with the Stochastic Polyak step size; no learning rate.
 
@@ -248,7 +249,7 @@ def sam_sps(
     Step Size: A Theory-Grounded Scheduler*, 2026, `arXiv:2606.01827 <https://arxiv.org/abs/2606.01827>`__.
   """
   perturbation = unified_perturbation(
-      rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask
+    rho, lambd, norm=norm, eps=eps, adaptive=adaptive, eta=eta, mask=mask
   )
   descent = polyak_step_size(f_star, gamma_b, weight_decay=weight_decay, eps=eps)
   return sharpness_aware(perturbation, descent)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,7 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   if has_aux:
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
       raise TypeError(
-          "`loss_fn` with has_aux=True must return a pair (loss, aux); got "
-          f"{type(out).__name__}."
+        f"`loss_fn` with has_aux=True must return a pair (loss, aux); got {type(out).__name__}."
       )
     loss, aux = out
   else:
@@ -32,8 +32,7 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   if shape is None or tuple(shape) != ():
     hint = " (did you mean has_aux=True?)" if isinstance(out, (tuple, list)) else ""
     raise TypeError(
-        f"`loss_fn` must return a scalar loss{hint}; got "
-        f"{type(loss).__name__} with shape {shape}."
+      f"`loss_fn` must return a scalar loss{hint}; got {type(loss).__name__} with shape {shape}."
     )
   if not jnp.issubdtype(loss.dtype, jnp.floating):
     raise TypeError(f"`loss_fn` must return a floating-point loss, got dtype {loss.dtype}.")
@@ -41,18 +40,18 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
 
 
 def sam_step(
-    loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    ascent: str = "sync",
-    groups: int | None = None,
-    microbatches: int | None = None,
-    skip_nonfinite: bool = True,
-    jit: bool = True,
-    donate: bool = True,
-    host_dispatch: bool | None = None,
+  loss_fn: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  *,
+  has_aux: bool = False,
+  axis_name: str | None = None,
+  ascent: str = "sync",
+  groups: int | None = None,
+  microbatches: int | None = None,
+  skip_nonfinite: bool = True,
+  jit: bool = True,
+  donate: bool = True,
+  host_dispatch: bool | None = None,
 ) -> Callable[..., Any]:
   """Builds the jit-compiled training step of a loss function and an optimizer.
 
@@ -183,13 +182,13 @@ def sam_step(
       raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
   if groups is not None and ascent != "local":
     raise ValueError(
-        "`groups` splits the batch for m-sharpness and needs ascent='local'; "
-        "with ascent='sync' the step is the same as without groups."
+      "`groups` splits the batch for m-sharpness and needs ascent='local'; "
+      "with ascent='sync' the step is the same as without groups."
     )
   if ascent == "local" and axis_name is None and groups is None:
     raise ValueError(
-        "`ascent='local'` (m-sharpness) needs an `axis_name` (pmap/shard_map) "
-        "or `groups=m` (split the batch into m groups)."
+      "`ascent='local'` (m-sharpness) needs an `axis_name` (pmap/shard_map) "
+      "or `groups=m` (split the batch into m groups)."
     )
   optimizer = optax.with_extra_args_support(optimizer)
 
@@ -206,7 +205,8 @@ def sam_step(
     # input over the axis; differentiate at a copy marked as varying instead, so
     # each device gets its own gradient (as under pmap) and the means below apply.
     vary = axis_name is not None and any(
-        axis_name in _varying_axes(x) for x in jax.tree.leaves(batch))
+      axis_name in _varying_axes(x) for x in jax.tree.leaves(batch)
+    )
     as_varying = (lambda p: _mark_varying(p, axis_name)) if vary else (lambda p: p)
 
     def scaled_loss(p, b):
@@ -216,9 +216,7 @@ def sam_step(
       # In at least float32: a float64 loss keeps float64 (the scale is a power of two).
       return loss.astype(jnp.promote_types(loss.dtype, jnp.float32)) * loss_scale, (loss, aux)
 
-    value_and_grad = _over_microbatches(
-        jax.value_and_grad(scaled_loss, has_aux=True), microbatches
-    )
+    value_and_grad = _over_microbatches(jax.value_and_grad(scaled_loss, has_aux=True), microbatches)
 
     (_, (loss, aux)), grads = value_and_grad(as_varying(params), batch)
     grads = mean(grads, ascent_axes)
@@ -234,20 +232,23 @@ def sam_step(
 
     selectors = [] if discovered is not None else None
     context = _protocol.StepContext(
-        clean_grads=grads, local_axes=local_axes, perturb=perturb, host_selectors=selectors
+      clean_grads=grads, local_axes=local_axes, perturb=perturb, host_selectors=selectors
     )
     updates, new_opt_state = optimizer.update(
-        grads, opt_state, params, value_and_grad_fn=value_and_grad_fn,
-        sam_context=context,
+      grads,
+      opt_state,
+      params,
+      value_and_grad_fn=value_and_grad_fn,
+      sam_context=context,
     )
     for node, select in selectors or ():
       path = _protocol.node_path(opt_state, node)
       discovered.append(None if path is None else (path, select))
     if local_axes and not passes:
       raise ValueError(
-          "`ascent='local'` (m-sharpness) needs a two-pass (SAM) optimizer; a one-pass "
-          "optimizer would apply each replica's own gradient and the replicas would "
-          "diverge. Use ascent='sync'."
+        "`ascent='local'` (m-sharpness) needs a two-pass (SAM) optimizer; a one-pass "
+        "optimizer would apply each replica's own gradient and the replicas would "
+        "diverge. Use ascent='sync'."
       )
     new_params = optax.apply_updates(params, updates)
     metrics = _metrics(loss, grads, new_opt_state, loss_scale)
@@ -272,14 +273,15 @@ def sam_step(
     _protocol.check_wrappers(opt_state)
     if has_aux and (groups or microbatches):
       _check_aux_floating(
-          jax.eval_shape(lambda: loss_fn(params, batch, *args))[1],
-          "groups" if groups else "microbatches",
+        jax.eval_shape(lambda: loss_fn(params, batch, *args))[1],
+        "groups" if groups else "microbatches",
       )
     if microbatches:
       per_group = groups or 1
       _parallel.check_batch_divisible(
-          batch, per_group * microbatches,
-          what=f"{per_group * microbatches} parts (groups × microbatches)",
+        batch,
+        per_group * microbatches,
+        what=f"{per_group * microbatches} parts (groups × microbatches)",
       )
     run = functools.partial(body, perturb=perturb, discovered=discovered)
     if groups is None:
@@ -288,7 +290,7 @@ def sam_step(
     grouped = _parallel.split_leading_axis(batch, groups, what=f"groups={groups}")
     in_axes = (None, None, 0) + (None,) * len(args)
     return jax.vmap(run, in_axes=in_axes, out_axes=None, axis_name=_GROUP_AXIS)(
-        params, opt_state, grouped, *args
+      params, opt_state, grouped, *args
     )
 
   if not jit:
@@ -302,8 +304,8 @@ def sam_step(
   if not use_host:
     return compiled
   by_kind = {
-      kind: jax.jit(functools.partial(step, perturb=kind), donate_argnums=donate_argnums)
-      for kind in (True, False)
+    kind: jax.jit(functools.partial(step, perturb=kind), donate_argnums=donate_argnums)
+    for kind in (True, False)
   }
   plans: dict[Any, Any] = {}
 
@@ -320,7 +322,7 @@ def sam_step(
       return compiled(params, opt_state, batch, *args)
     path, select = plan
     return by_kind[bool(select(_protocol.node_at(opt_state, path)))](
-        params, opt_state, batch, *args
+      params, opt_state, batch, *args
     )
 
   # AOT and shape queries see the single-program (lax.cond) form.
@@ -351,7 +353,7 @@ def _over_microbatches(value_and_grad: Callable[..., Any], k: int | None) -> Cal
     # axis's sharding over a mesh (the mean is the same for any split into equal parts).
     _parallel.check_batch_divisible(batch, k, what=f"microbatches={k}")
     parts = jax.tree.map(
-        lambda x: jnp.moveaxis(x.reshape((-1, k) + tuple(x.shape[1:])), 1, 0), batch
+      lambda x: jnp.moveaxis(x.reshape((-1, k) + tuple(x.shape[1:])), 1, 0), batch
     )
     shapes = jax.eval_shape(value_and_grad, p, jax.tree.map(lambda x: x[0], parts))
     acc_dtype = lambda s: jnp.promote_types(s.dtype, jnp.float32)  # noqa: E731
@@ -387,9 +389,9 @@ def _check_aux_floating(aux: Any, option: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(aux):
     if not _protocol.is_floating(leaf):
       raise TypeError(
-          f"sam_step({option}=...) averages `aux` over the {option}, so its leaves must be "
-          f"floating point; aux{jax.tree_util.keystr(path)} has dtype {leaf.dtype}. "
-          "Return counts as floats (e.g. a mean)."
+        f"sam_step({option}=...) averages `aux` over the {option}, so its leaves must be "
+        f"floating point; aux{jax.tree_util.keystr(path)} has dtype {leaf.dtype}. "
+        "Return counts as floats (e.g. a mean)."
       )
 
 
@@ -404,10 +406,12 @@ def _varying_axes(x: Any) -> frozenset:
 
 def _mark_varying(tree: Any, axis_name: str) -> Any:
   pcast = getattr(jax.lax, "pcast", None)
+
   def mark(x):
     if axis_name in _varying_axes(x):
       return x
     return pcast(x, axis_name, to="varying") if pcast else jax.lax.pvary(x, axis_name)
+
   return jax.tree.map(mark, tree)
 
 
@@ -419,10 +423,10 @@ def _check_groups_splittable(batch: Any) -> None:
     spec = getattr(getattr(typeof(leaf), "sharding", None), "spec", None)
     if spec and spec[0] is not None:
       raise ValueError(
-          f"sam_step(groups=...) cannot split a batch whose leading axis is sharded over "
-          f"an Explicit mesh axis ({spec[0]!r}). Use a mesh with AxisType.Auto "
-          "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,))), or "
-          "jax.shard_map over the mesh with sam_step(axis_name=..., ascent='local')."
+        f"sam_step(groups=...) cannot split a batch whose leading axis is sharded over "
+        f"an Explicit mesh axis ({spec[0]!r}). Use a mesh with AxisType.Auto "
+        "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,))), or "
+        "jax.shard_map over the mesh with sam_step(axis_name=..., ascent='local')."
       )
 
 
@@ -431,15 +435,15 @@ def _check_axis_bound(axis_name: str) -> None:
     jax.lax.axis_size(axis_name)
   except NameError:
     raise ValueError(
-        f"sam_step(axis_name={axis_name!r}): no enclosing jax.pmap, shard_map or vmap "
-        f"binds the axis {axis_name!r}. Run the step inside "
-        f"jax.pmap(step, axis_name={axis_name!r}) (the names must match), or use "
-        "axis_name=None under jax.jit with a sharded batch (global-batch semantics)."
+      f"sam_step(axis_name={axis_name!r}): no enclosing jax.pmap, shard_map or vmap "
+      f"binds the axis {axis_name!r}. Run the step inside "
+      f"jax.pmap(step, axis_name={axis_name!r}) (the names must match), or use "
+      "axis_name=None under jax.jit with a sharded batch (global-batch semantics)."
     ) from None
 
 
 def _metrics(
-    loss: jax.Array, grads: Any, opt_state: Any, loss_scale: jax.Array | None
+  loss: jax.Array, grads: Any, opt_state: Any, loss_scale: jax.Array | None
 ) -> dict[str, jax.Array]:
   """The step's own metrics, then what the optimizer's states report (``sam_metrics``)."""
   dtype = _common.accumulation_dtype(grads)

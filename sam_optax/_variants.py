@@ -8,7 +8,8 @@ they are.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,24 +55,21 @@ def _orthogonal_part(v: Any, u: Any) -> tuple[Any, jax.Array]:
   """
   dtype = _common.accumulation_dtype(v)
   coef = _common.tree_projection(v, u, dtype)
-  out = jax.tree.map(
-      lambda a, b: (a.astype(dtype) - coef * b.astype(dtype)).astype(a.dtype), v, u
-  )
+  out = jax.tree.map(lambda a, b: (a.astype(dtype) - coef * b.astype(dtype)).astype(a.dtype), v, u)
   return out, _common.tree_norm(out, dtype)
 
 
 def _is_traced_int(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer) or (
-      isinstance(value, jax.Array) and value.ndim == 0
-      and jnp.issubdtype(value.dtype, jnp.integer)
+    isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)
   )
 
 
 def _check_two_pass(optimizer: Any, name: str) -> optax.GradientTransformationExtraArgs:
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
     raise TypeError(
-        f"`optimizer` of {name} must be a two-pass optax transformation "
-        f"(sam_optax.unified_sam, sam_sps, ...), got {optimizer!r}."
+      f"`optimizer` of {name} must be a two-pass optax transformation "
+      f"(sam_optax.unified_sam, sam_sps, ...), got {optimizer!r}."
     )
   return optax.with_extra_args_support(optimizer)
 
@@ -79,27 +77,27 @@ def _check_two_pass(optimizer: Any, name: str) -> optax.GradientTransformationEx
 def _check_inner_state(state: Any, name: str) -> None:
   if _find(state, SAMState) is None:
     raise TypeError(
-        f"{name} wraps a two-pass optimizer (sam_optax.unified_sam, sam_sps, "
-        "sharpness_aware); the given optimizer's state has no SAMState."
+      f"{name} wraps a two-pass optimizer (sam_optax.unified_sam, sam_sps, "
+      "sharpness_aware); the given optimizer's state has no SAMState."
     )
 
 
 def _need_value_and_grad_fn(value_and_grad_fn: Any, name: str) -> None:
   if value_and_grad_fn is None:
     raise ValueError(
-        f"{name}'s update needs the keyword argument `value_and_grad_fn(params) "
-        "-> (loss, grads)`; or use sam_optax.sam_step, which passes it for you."
+      f"{name}'s update needs the keyword argument `value_and_grad_fn(params) "
+      "-> (loss, grads)`; or use sam_optax.sam_step, which passes it for you."
     )
 
 
 def _every_k(
-    optimizer: Any, every: int, alpha: Any, name: str
+  optimizer: Any, every: int, alpha: Any, name: str
 ) -> optax.GradientTransformationExtraArgs:
   """interval_sam (alpha None) and looksam: one implementation of both."""
   optimizer = _check_two_pass(optimizer, name)
   # A traced `every` (optax.inject_hyperparams) is used as is; a concrete one is checked.
   if not _is_traced_int(every) and (
-      isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
+    isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
   ):
     raise ValueError(f"`every` must be a positive int, got {every!r}.")
   reuse = alpha is not None
@@ -110,25 +108,24 @@ def _every_k(
     _check_inner_state(inner, name)
     if _find(inner, PolyakStepSizeState) is not None:
       raise ValueError(
-          f"{name} cannot wrap the Polyak step size (sam_sps): on the skipped steps "
-          "it would need the clean loss f(x), which the optimizer is not given."
+        f"{name} cannot wrap the Polyak step size (sam_sps): on the skipped steps "
+        "it would need the clean loss f(x), which the optimizer is not given."
       )
     if _find(inner, DynamicLossScaleState) is not None:
       raise ValueError(
-          f"Wrap dynamic_loss_scale around {name}, not inside it: "
-          f"dynamic_loss_scale({name}(...))."
+        f"Wrap dynamic_loss_scale around {name}, not inside it: dynamic_loss_scale({name}(...))."
       )
     if not reuse:
       return IntervalSAMState(jnp.zeros([], jnp.int32), inner, None, None)
     return IntervalSAMState(
-        count=jnp.zeros([], jnp.int32),
-        inner=inner,
-        orthogonal=jax.tree.map(jnp.zeros_like, params),
-        orthogonal_norm=jnp.zeros([], _common.accumulation_dtype(params)),
+      count=jnp.zeros([], jnp.int32),
+      inner=inner,
+      orthogonal=jax.tree.map(jnp.zeros_like, params),
+      orthogonal_norm=jnp.zeros([], _common.accumulation_dtype(params)),
     )
 
   def update_fn(
-      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+    updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
   ):
     _need_value_and_grad_fn(value_and_grad_fn, name)
     _protocol.check_local_ascent(sam_context, name, why_local)
@@ -158,9 +155,9 @@ def _every_k(
       if not reuse:
         return last_perturbed_loss, updates, state.orthogonal, state.orthogonal_norm
       grads = jax.tree.map(
-          lambda g, v: (g.astype(dtype) + coef * v.astype(dtype)).astype(g.dtype),
-          updates,
-          state.orthogonal,
+        lambda g, v: (g.astype(dtype) + coef * v.astype(dtype)).astype(g.dtype),
+        updates,
+        state.orthogonal,
       )
       return last_perturbed_loss, grads, state.orthogonal, state.orthogonal_norm
 
@@ -169,7 +166,9 @@ def _every_k(
     perturb = None if sam_context is None else sam_context.perturb
     if isinstance(every, int) and every == 1:
       perturb = True
-    elif isinstance(every, int) and sam_context is not None and sam_context.host_selectors is not None:
+    elif (
+      isinstance(every, int) and sam_context is not None and sam_context.host_selectors is not None
+    ):
       # Offer the step to choose this step's kind on the host (two compiled programs):
       # XLA:CPU runs convolution gradients far slower inside a cond branch.
       sam_context.host_selectors.append((state, lambda node: int(node.count) % every == 0))
@@ -186,14 +185,14 @@ def _every_k(
     if sam_context is not None:
       extra_args["sam_context"] = sam_context
     new_updates, inner = optimizer.update(
-        updates, state.inner, params, value_and_grad_fn=value_and_grad_at, **extra_args
+      updates, state.inner, params, value_and_grad_fn=value_and_grad_at, **extra_args
     )
     orthogonal, orthogonal_norm = new_orthogonal
     new_state = IntervalSAMState(
-        count=optax.safe_increment(state.count),
-        inner=inner,
-        orthogonal=orthogonal,
-        orthogonal_norm=orthogonal_norm,
+      count=optax.safe_increment(state.count),
+      inner=inner,
+      orthogonal=orthogonal,
+      orthogonal_norm=orthogonal_norm,
     )
     return new_updates, new_state
 
@@ -250,7 +249,7 @@ def interval_sam(optimizer: Any, every: int = 5) -> optax.GradientTransformation
 
 
 def looksam(
-    optimizer: Any, every: int = 5, alpha: float = 0.7
+  optimizer: Any, every: int = 5, alpha: float = 0.7
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM (Liu et al., 2022): interval SAM that reuses the SAM direction between SAM steps.
 
@@ -332,12 +331,13 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
     return state
 
   def update_fn(
-      updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
+    updates, state, params=None, *, value_and_grad_fn=None, sam_context=None, **extra_args
   ):
     _need_value_and_grad_fn(value_and_grad_fn, "gsam")
     _protocol.check_local_ascent(
-        sam_context, "gsam",
-        "its descent uses the clean gradient, each replica's (or group's) own in local mode",
+      sam_context,
+      "gsam",
+      "its descent uses the clean gradient, each replica's (or group's) own in local mode",
     )
     if sam_context is not None:
       extra_args["sam_context"] = sam_context
@@ -348,27 +348,27 @@ def gsam(optimizer: Any, alpha: float = 0.1) -> optax.GradientTransformationExtr
       dtype = _common.accumulation_dtype(perturbed_grads)
       alpha_t = _common.clip_traced(jnp.asarray(alpha, dtype), 0.0)  # α ← max(α, 0) if injected
       grads = jax.tree.map(
-          lambda gs, go: (gs.astype(dtype) - alpha_t * go.astype(dtype)).astype(gs.dtype),
-          perturbed_grads,
-          clean_orthogonal,
+        lambda gs, go: (gs.astype(dtype) - alpha_t * go.astype(dtype)).astype(gs.dtype),
+        perturbed_grads,
+        clean_orthogonal,
       )
       return value, grads
 
     return optimizer.update(
-        updates, state, params, value_and_grad_fn=corrected_value_and_grad, **extra_args
+      updates, state, params, value_and_grad_fn=corrected_value_and_grad, **extra_args
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gsam_rho_schedule(
-    learning_rate: optax.ScalarOrSchedule,
-    rho_max: float,
-    rho_min: float = 0.0,
-    *,
-    lr_max: float,
-    lr_min: float = 0.0,
-    every_k: int = 1,
+  learning_rate: optax.ScalarOrSchedule,
+  rho_max: float,
+  rho_min: float = 0.0,
+  *,
+  lr_max: float,
+  lr_min: float = 0.0,
+  every_k: int = 1,
 ) -> optax.Schedule:
   r"""GSAM's radius, tied to the learning rate: ρ_t moves with lr_t between ρ_min and ρ_max.
 
@@ -397,7 +397,12 @@ def gsam_rho_schedule(
   Returns:
     An optax schedule for the ``rho`` argument of :func:`unified_sam`.
   """
-  for name, value in (("rho_max", rho_max), ("rho_min", rho_min), ("lr_max", lr_max), ("lr_min", lr_min)):
+  for name, value in (
+    ("rho_max", rho_max),
+    ("rho_min", rho_min),
+    ("lr_max", lr_max),
+    ("lr_min", lr_min),
+  ):
     _common.check_scalar_hyperparam(name, value, low=0.0, allow_schedule=False)
   if not rho_min <= rho_max:
     raise ValueError(f"`rho_min` must be <= `rho_max`, got {rho_min!r} > {rho_max!r}.")

@@ -28,7 +28,8 @@ Example:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ def _check_params(params: Any) -> None:
   for leaf in leaves:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise ValueError(
-          f"`params` must have floating-point leaves only, got a {jnp.result_type(leaf)} leaf."
+        f"`params` must have floating-point leaves only, got a {jnp.result_type(leaf)} leaf."
       )
 
 
@@ -101,7 +102,7 @@ def _scalar_loss(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., ja
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
-            f"`loss_fn` with has_aux=True must return a pair (loss, aux); got {type(out).__name__}."
+          f"`loss_fn` with has_aux=True must return a pair (loss, aux); got {type(out).__name__}."
         )
       out = out[0]
     shape = getattr(out, "shape", None)
@@ -186,13 +187,13 @@ def _split_groups(x: jax.Array, groups: int) -> jax.Array:
 
 
 def top_hessian_eigenvalue(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    *args: Any,
-    num_iters: int = 100,
-    tol: float = 1e-4,
-    key: jax.Array | None = None,
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  num_iters: int = 100,
+  tol: float = 1e-4,
+  key: jax.Array | None = None,
+  has_aux: bool = False,
 ) -> jax.Array:
   r"""The top eigenvalue of the loss Hessian, by power iteration on Hessian-vector products.
 
@@ -255,9 +256,9 @@ def top_hessian_eigenvalue(
 
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(_default_key(key), len(leaves))
-  v0 = treedef.unflatten([
-      jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)
-  ])
+  v0 = treedef.unflatten(
+    [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+  )
   v0 = _normalized(v0, _norm(v0, dtype))
 
   def cond(carry):
@@ -270,9 +271,7 @@ def top_hessian_eigenvalue(
     lam = _vdot(v, hv, dtype)
     hv_norm = _norm(hv, dtype)
     # A zero product (zero Hessian, or v in its null space) ends the iteration at λ = 0.
-    v_next = jax.tree.map(
-        lambda a, b: jnp.where(hv_norm > 0, a, b), _normalized(hv, hv_norm), v
-    )
+    v_next = jax.tree.map(lambda a, b: jnp.where(hv_norm > 0, a, b), _normalized(hv, hv_norm), v)
     converged = jnp.logical_and(k > 0, jnp.abs(lam - lam_prev) <= tol * jnp.abs(lam))
     done = jnp.logical_or(converged, hv_norm == 0)
     return k + 1, v_next, lam, done
@@ -283,12 +282,12 @@ def top_hessian_eigenvalue(
 
 
 def hessian_trace(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    *args: Any,
-    num_samples: int = 100,
-    key: jax.Array | None = None,
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  num_samples: int = 100,
+  key: jax.Array | None = None,
+  has_aux: bool = False,
 ) -> jax.Array:
   r"""The trace of the loss Hessian, by Hutchinson's estimator with Rademacher probes.
 
@@ -339,9 +338,9 @@ def hessian_trace(
 
   def body(s, total):
     keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
-    z = treedef.unflatten([
-        jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)
-    ])
+    z = treedef.unflatten(
+      [jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    )
     return total + _vdot(z, hvp(z), dtype)
 
   total = jax.lax.fori_loop(0, num_samples, body, jnp.zeros([], dtype))
@@ -349,16 +348,16 @@ def hessian_trace(
 
 
 def worst_case_sharpness(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    *args: Any,
-    rho: float = 0.05,
-    num_steps: int = 5,
-    step_size: float | None = None,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    groups: int | None = None,
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  rho: float = 0.05,
+  num_steps: int = 5,
+  step_size: float | None = None,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  groups: int | None = None,
+  has_aux: bool = False,
 ) -> jax.Array:
   r"""The ρ-ball sharpness :math:`\max_{\|d\| \le \rho} f(x + d) - f(x)`, by projected ascent.
 

@@ -43,10 +43,21 @@ def test_summary_and_paired_ratio():
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "step_time"
-  result = step_time.main([
-      "--quick", "--models", "tiny_mlp", "--rounds", "3", "--theory-steps", "10",
-      "--torch-python", "none", "--out", str(out),
-  ])
+  result = step_time.main(
+    [
+      "--quick",
+      "--models",
+      "tiny_mlp",
+      "--rounds",
+      "3",
+      "--theory-steps",
+      "10",
+      "--torch-python",
+      "none",
+      "--out",
+      str(out),
+    ]
+  )
   return result, out
 
 
@@ -60,9 +71,15 @@ def test_step_time_quick_schema(quick_result):
   assert model["model"] == "tiny_mlp" and model["params"] == 2410 and model["rounds"] == 3
   names = [v["name"] for v in model["variants"]]
   assert names == [
-      "sgd", "hand_written_sam", "sam_step_unified_l1", "sam_step_unified_l0",
-      "sam_step_unified_1-1/t", "hand_written_sam_sps", "sam_step_sam_sps",
-      "optax_contrib_sam_opaque", "optax_contrib_sam",
+    "sgd",
+    "hand_written_sam",
+    "sam_step_unified_l1",
+    "sam_step_unified_l0",
+    "sam_step_unified_1-1/t",
+    "hand_written_sam_sps",
+    "sam_step_sam_sps",
+    "optax_contrib_sam_opaque",
+    "optax_contrib_sam",
   ]
   for v in model["variants"]:
     assert v["framework"] == "jax" and v["passes"] == (1 if v["name"] == "sgd" else 2)
@@ -75,9 +92,9 @@ def test_step_time_quick_schema(quick_result):
   assert by_name["sgd"]["ratio_to_sgd"]["median"] == 1.0
   assert by_name["hand_written_sam"]["ratio_to_hand_written"]["max"] == 1.0
   assert {c["target"] for c in model["checks"]} >= {
-      "sam_step_unified_l1 / hand_written_sam <= 1.03",
-      "sam_step_sam_sps / hand_written_sam_sps <= 1.03",
-      "sam_step_unified_l1 / optax_contrib_sam_opaque <= 1.03",
+    "sam_step_unified_l1 / hand_written_sam <= 1.03",
+    "sam_step_sam_sps / hand_written_sam_sps <= 1.03",
+    "sam_step_unified_l1 / optax_contrib_sam_opaque <= 1.03",
   }
   # Theory problems: both optimizers on both problems, JAX's runs agree with each other.
   assert [t["problem"] for t in on_disk["theory"]] == ["ridge", "logistic"]
@@ -124,21 +141,33 @@ def test_model_sizes_match_the_published_networks():
 
 
 def test_memory_of_sam_step_is_within_five_percent_of_hand_written(tmp_path):
-  result = memory.main([
-      "--models", "tiny_cnn", "--variants", "sam_step_unified_l1,sam_step_sam_sps",
-      "--out", str(tmp_path / "memory"),
-  ])
+  result = memory.main(
+    [
+      "--models",
+      "tiny_cnn",
+      "--variants",
+      "sam_step_unified_l1,sam_step_sam_sps",
+      "--out",
+      str(tmp_path / "memory"),
+    ]
+  )
   (model,) = result["models"]
   by_name = {v["name"]: v for v in model["variants"]}
   for v in model["variants"]:
-    assert v["peak_bytes"] == (v["argument_bytes"] + v["output_bytes"] - v["alias_bytes"]
-                               + v["temp_bytes"])
+    assert v["peak_bytes"] == (
+      v["argument_bytes"] + v["output_bytes"] - v["alias_bytes"] + v["temp_bytes"]
+    )
   assert by_name["hand_written_sam"]["ratio_to_hand_written"] == 1.0
   # SAM holds more than SGD (a perturbed copy of the parameters) ...
   assert by_name["hand_written_sam"]["peak_bytes"] > by_name["sgd"]["peak_bytes"]
   # ... and sam_step no more than the hand-written step, +5%.
-  assert sorted(by_name) == ["hand_written_sam", "hand_written_sam_sps", "sam_step_sam_sps",
-                             "sam_step_unified_l1", "sgd"]
+  assert sorted(by_name) == [
+    "hand_written_sam",
+    "hand_written_sam_sps",
+    "sam_step_sam_sps",
+    "sam_step_unified_l1",
+    "sgd",
+  ]
   assert by_name["sam_step_unified_l1"]["ratio_to_hand_written"] <= 1.05
   sps = by_name["sam_step_sam_sps"]["peak_bytes"] / by_name["hand_written_sam_sps"]["peak_bytes"]
   assert sps <= 1.05
@@ -159,8 +188,10 @@ def test_compared_variants_compute_the_same_steps():
     after[name] = jax.tree.map(np.asarray, state[0])
 
   def close(a, b):
-    return all(np.allclose(x, y, rtol=1e-5, atol=1e-6)
-               for x, y in zip(jax.tree.leaves(after[a]), jax.tree.leaves(after[b])))
+    return all(
+      np.allclose(x, y, rtol=1e-5, atol=1e-6)
+      for x, y in zip(jax.tree.leaves(after[a]), jax.tree.leaves(after[b]))
+    )
 
   assert close("sam_step_unified_l1", "hand_written_sam")
   assert close("optax_contrib_sam_opaque", "hand_written_sam")

@@ -52,8 +52,10 @@ def model_state(state):
 
 
 def max_rel_error(a, b):
-  return max(float(np.max(np.abs(x.astype(np.float64) - y) / np.maximum(1.0, np.abs(x))))
-             for x, y in zip(a, b))
+  return max(
+    float(np.max(np.abs(x.astype(np.float64) - y) / np.maximum(1.0, np.abs(x))))
+    for x, y in zip(a, b)
+  )
 
 
 def run_steps(data_dir, steps=STEPS, **overrides):
@@ -90,60 +92,75 @@ def _worker(data_dir, workdir) -> dict:
       first = np.asarray(x.addressable_shards[0].data)
       return all(np.array_equal(np.asarray(s.data), first) for s in x.addressable_shards)
 
-    return all(x.sharding.is_fully_replicated and len(x.addressable_shards) == DEVICES
-               and same(x) for x in jax.tree_util.tree_leaves(tree))
+    return all(
+      x.sharding.is_fully_replicated and len(x.addressable_shards) == DEVICES and same(x)
+      for x in jax.tree_util.tree_leaves(tree)
+    )
 
   one_run, one, one_outs = run_steps(data_dir, num_devices=1)
 
   # The whole loop (prefetch thread, evaluation, checkpoints) on all 4 devices.
   four_outs = []
-  report = train.train_and_evaluate(tiny_config(), workdir, data_dir=data_dir,
-                                    hooks=[lambda step, out: four_outs.append(
-                                        jax.device_get(out))])
+  report = train.train_and_evaluate(
+    tiny_config(),
+    workdir,
+    data_dir=data_dir,
+    hooks=[lambda step, out: four_outs.append(jax.device_get(out))],
+  )
   mesh = train.make_mesh(tiny_config())
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), one_run.state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), one_run.state
+  )
   with train.checkpoint_manager(os.path.join(workdir, "checkpoints"), tiny_config()) as manager:
     four = manager.restore(manager.latest_step(), args=train.ocp.args.StandardRestore(abstract))
   batch = sam_optax.global_batch(
-      train.input_pipeline.TrainBatches(one_run.data.train, 16, 0)(0), mesh)
+    train.input_pipeline.TrainBatches(one_run.data.train, 16, 0)(0), mesh
+  )
   result["devices"] = report["devices"]
   result["shard_rows"] = sorted(s.data.shape[0] for s in batch["image"].addressable_shards)
   result["replicas_identical"] = replicas_identical(four)
-  result["synced_vs_one"] = max_rel_error(host_leaves(model_state(one)),
-                                          host_leaves(model_state(four)))
-  result["synced_sums_vs_one"] = max_rel_error(host_leaves(one["sums"]),
-                                               host_leaves(four["sums"]))
+  result["synced_vs_one"] = max_rel_error(
+    host_leaves(model_state(one)), host_leaves(model_state(four))
+  )
+  result["synced_sums_vs_one"] = max_rel_error(host_leaves(one["sums"]), host_leaves(four["sums"]))
   result["synced_outputs_vs_one"] = max_rel_error(
-      [np.array([o[k] for o in one_outs]) for k in ("loss", "accuracy", "lr")],
-      [np.array([o[k] for o in four_outs]) for k in ("loss", "accuracy", "lr")])
+    [np.array([o[k] for o in one_outs]) for k in ("loss", "accuracy", "lr")],
+    [np.array([o[k] for o in four_outs]) for k in ("loss", "accuracy", "lr")],
+  )
   # Evaluation: 24 test images in batches of 10 on 1 device, of 12 on 4 (padded, masked).
-  test = train.evaluate(one_run.eval_step, one["params"], one["batch_stats"],
-                        one_run.data.test, one_run.eval_batch_size)
+  test = train.evaluate(
+    one_run.eval_step, one["params"], one["batch_stats"], one_run.data.test, one_run.eval_batch_size
+  )
   result["test_loss"] = [test["loss"], report["test_loss"]]
   result["test_accuracy"] = [test["accuracy"], report["test_accuracy"]]
   # The 4-device checkpoint resumed on one device (no steps left: restore and evaluate).
-  resumed = train.train_and_evaluate(tiny_config(num_devices=1), workdir, data_dir=data_dir,
-                                     resume=True)
+  resumed = train.train_and_evaluate(
+    tiny_config(num_devices=1), workdir, data_dir=data_dir, resume=True
+  )
   result["resumed_on_one"] = [resumed["devices"], resumed["steps"], resumed["test_loss"]]
 
   _, m_one, _ = run_steps(data_dir, num_devices=1, m_sharpness=4)
   _, m_four, m_four_outs = run_steps(data_dir, m_sharpness=4)
   result["m_replicas_identical"] = replicas_identical(m_four)
-  result["m_four_vs_m_one"] = max_rel_error(host_leaves(model_state(m_one)),
-                                            host_leaves(model_state(m_four)))
-  result["m_sums_four_vs_one"] = max_rel_error(host_leaves(m_one["sums"]),
-                                               host_leaves(m_four["sums"]))
-  result["m_vs_synced_params"] = max_rel_error(host_leaves(four["params"]),
-                                               host_leaves(m_four["params"]))
+  result["m_four_vs_m_one"] = max_rel_error(
+    host_leaves(model_state(m_one)), host_leaves(model_state(m_four))
+  )
+  result["m_sums_four_vs_one"] = max_rel_error(
+    host_leaves(m_one["sums"]), host_leaves(m_four["sums"])
+  )
+  result["m_vs_synced_params"] = max_rel_error(
+    host_leaves(four["params"]), host_leaves(m_four["params"])
+  )
   # Accuracy is a count over all groups: a multiple of 1/16 in [0, 1].
   result["m_accuracies"] = [float(o["accuracy"]) for o in m_four_outs]
 
   errors = {}
-  for name, overrides in {"batch": dict(batch_size=18, eval_batch_size=18),
-                          "m": dict(m_sharpness=5),
-                          "devices": dict(num_devices=DEVICES + 1)}.items():
+  for name, overrides in {
+    "batch": dict(batch_size=18, eval_batch_size=18),
+    "m": dict(m_sharpness=5),
+    "devices": dict(num_devices=DEVICES + 1),
+  }.items():
     try:
       train.setup(tiny_config(**overrides), data_dir)
       errors[name] = None
@@ -159,12 +176,22 @@ def measured(tmp_path_factory):
 
   data_dir = tmp_path_factory.mktemp("cifar_devices_data")
   make_archive(data_dir, "cifar10", n_train=64, n_test=24, seed=0)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}"
+  )
   proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), str(data_dir),
-       str(tmp_path_factory.mktemp("cifar_devices_work"))],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      str(data_dir),
+      str(tmp_path_factory.mktemp("cifar_devices_work")),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -201,8 +228,9 @@ def test_m_sharpness_is_device_independent_and_differs_from_synced(measured):
 
 def test_bad_batch_sizes_are_clear_errors(measured):
   errors = measured["errors"]
-  assert "18 examples on its leading axis, which is not divisible by the 4 devices" in errors[
-      "batch"]
+  assert (
+    "18 examples on its leading axis, which is not divisible by the 4 devices" in errors["batch"]
+  )
   assert "m_sharpness (examples per ascent) must divide batch_size=16, got 5" in errors["m"]
   assert "num_devices must be an int in [0, 4]" in errors["devices"]
 

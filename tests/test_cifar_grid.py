@@ -9,9 +9,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from test_cifar_synthetic import make_archive  # noqa: E402
+
 from examples.cifar import grid  # noqa: E402
 from examples.cifar import train  # noqa: E402
-from test_cifar_synthetic import make_archive  # noqa: E402
 
 
 def test_table2_cells():
@@ -22,7 +23,12 @@ def test_table2_cells():
   cell = [c for c in cells if c.key == (0.3, "1-1/t")][0]
   config = grid.build_config(cell, seed=2)
   assert (config.optimizer, config.model, config.rho, config.lambd, config.seed) == (
-      "unified_sam", "wrn28_10", 0.3, "1-1/t", 2)
+    "unified_sam",
+    "wrn28_10",
+    0.3,
+    "1-1/t",
+    2,
+  )
   assert "/" not in cell.name
   sgd = grid.build_config([c for c in cells if c.key == ("sgd",)][0], seed=0)
   assert sgd.optimizer == "sgd"
@@ -35,14 +41,20 @@ def test_sam_sps_cells():
   assert keys == set(grid.PAPER_SAM_SPS)
   sps = grid.build_config([c for c in cells if c.key == (0, 0.4, "sps")][0], seed=0)
   assert (sps.optimizer, sps.lambd, sps.rho, sps.dataset, sps.model) == (
-      "sam_sps", "0", 0.4, "cifar100", "resnet32")
+    "sam_sps",
+    "0",
+    0.4,
+    "cifar100",
+    "resnet32",
+  )
   const = grid.build_config([c for c in cells if c.key == (1, 0.2, "constant", 0.01)][0], 0)
   assert (const.schedule, const.learning_rate, const.lambd) == ("constant", 0.01, "1")
 
 
 def test_overrides_are_typed_and_checked():
-  extra = grid.parse_set(["model=wrn16_4", "num_epochs=2", "learning_rate=1",
-                          "lr_boundaries=(1, 2)"])
+  extra = grid.parse_set(
+    ["model=wrn16_4", "num_epochs=2", "learning_rate=1", "lr_boundaries=(1, 2)"]
+  )
   config = grid.build_config(grid.cells("unified_sam")[0], 0, extra)
   assert config.model == "wrn16_4" and config.num_epochs == 2
   assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
@@ -88,16 +100,25 @@ def test_grid_runs_skips_and_resumes(tmp_path):
   data = tmp_path / "data"
   data.mkdir()
   make_archive(data, "cifar10", n_train=32, n_test=16)
-  extra = grid.parse_set(["model=resnet2", "model_width=4", "batch_size=16",
-                          "eval_batch_size=16", "num_train_steps=1", "progress_bar=False",
-                          "plots=False"])
+  extra = grid.parse_set(
+    [
+      "model=resnet2",
+      "model_width=4",
+      "batch_size=16",
+      "eval_batch_size=16",
+      "num_train_steps=1",
+      "progress_bar=False",
+      "plots=False",
+    ]
+  )
   logs = []
   work = str(tmp_path / "runs")
   grid.run_grid("unified_sam", work, str(data), [0], extra, limit=2, log=logs.append)
-  reports = [json.load(open(os.path.join(grid.run_dir(work, c, 0), "report.json")))
-             for c in grid.cells("unified_sam")[:2]]
-  assert [(r["rho"], r["lambd"], r["steps"]) for r in reports] == [(0.1, "0", 1),
-                                                                   (0.1, "0.5", 1)]
+  reports = [
+    json.load(open(os.path.join(grid.run_dir(work, c, 0), "report.json")))
+    for c in grid.cells("unified_sam")[:2]
+  ]
+  assert [(r["rho"], r["lambd"], r["steps"]) for r in reports] == [(0.1, "0", 1), (0.1, "0.5", 1)]
   logs.clear()
   grid.run_grid("unified_sam", work, str(data), [0], extra, limit=2, log=logs.append)
   assert sum("done, skipped" in line for line in logs) == 2

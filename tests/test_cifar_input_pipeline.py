@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from examples.cifar import input_pipeline as ip  # noqa: E402
 from test_cifar_synthetic import make_archive  # noqa: E402
 
+from examples.cifar import input_pipeline as ip  # noqa: E402
 
 # ----------------------------------------------------------------------------- reading
 
@@ -38,7 +38,7 @@ def test_load_reads_layout_and_stats(tmp_path, dataset):
 def test_channel_plane_decoding_on_a_known_pixel(tmp_path):
   # Row layout of the real archive: 1024 red values, then 1024 green, then 1024 blue.
   row = np.zeros(3072, np.uint8)
-  row[0] = 200          # R at (0, 0)
+  row[0] = 200  # R at (0, 0)
   row[1024 + 33] = 100  # G at (1, 1)
   row[2048 + 1023] = 50  # B at (31, 31)
   payload = {b"data": row[None], b"labels": [3]}
@@ -137,7 +137,7 @@ def test_augment_is_a_padded_crop_with_flip():
   dy, dx, flip = r.integers(0, 9, 64), r.integers(0, 9, 64), r.random(64) < 0.5
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   for i in range(64):
-    want = padded[i, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+    want = padded[i, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
     if flip[i]:
       want = want[:, ::-1]
     np.testing.assert_array_equal(out[i], want)
@@ -151,8 +151,9 @@ def test_augment_is_a_padded_crop_with_flip():
 
 def test_normalize_per_channel():
   images = np.full((2, 32, 32, 3), 100, np.uint8)
-  out = ip.normalize(images, np.array([100.0, 50.0, 0.0], np.float32),
-                     np.array([1.0, 10.0, 50.0], np.float32))
+  out = ip.normalize(
+    images, np.array([100.0, 50.0, 0.0], np.float32), np.array([1.0, 10.0, 50.0], np.float32)
+  )
   assert out.dtype == np.float32
   np.testing.assert_allclose(out[0, 0, 0], [0.0, 5.0, 2.0])
 
@@ -181,8 +182,10 @@ def test_training_drops_last_partial_batch_and_reshuffles():
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
-  split = ip.Split(np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8),
-                   np.arange(70, dtype=np.int32))
+  split = ip.Split(
+    np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8),
+    np.arange(70, dtype=np.int32),
+  )
   a = ip.TrainBatches(split, 16, seed=5)
   b = ip.TrainBatches(split, 16, seed=5)
   order = [9, 2, 9, 0, 5]  # random access, out of order, repeated

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_cifar_synthetic  # noqa: E402,F401  (shares compiled programs across tests)
+
 from examples.cifar import models  # noqa: E402
 
 X = jnp.zeros((2, 32, 32, 3), jnp.float32)
@@ -32,7 +33,9 @@ def compiled(model):
 
 # Published parameter counts (CIFAR-10 head): WRN-28-10 36.5M and WRN-16-4 2.7M
 # (Zagoruyko & Komodakis), ResNet-20/32/56 0.27M/0.46M/0.85M (He et al., Table 6).
-@pytest.mark.parametrize("name,count", [
+@pytest.mark.parametrize(
+  "name,count",
+  [
     ("wrn28_10", 36_479_194),
     ("wrn16_4", 2_748_890),
     ("resnet20", 269_722),
@@ -40,17 +43,20 @@ def compiled(model):
     ("resnet56", 853_018),
     ("preact_resnet18", 11_172_170),
     ("nnx_resnet20", 269_722),
-])
+  ],
+)
 def test_parameter_counts(name, count):
   model = models.create_model(name, 10)
   params, batch_stats = jax.eval_shape(model.init, jax.random.key(0), X)
   assert models.count_params(params) == count
   assert models.count_params(batch_stats) > 0
   # One BN layer has a mean and a var per channel: batch_stats equals BN scale+bias.
-  bn_params = sum(int(np.prod(x.shape)) for path, x in
-                  jax.tree_util.tree_flatten_with_path(params)[0]
-                  if any(getattr(k, "key", None) in ("scale", "bias") for k in path[-1:])
-                  and "head" not in jax.tree_util.keystr(path))
+  bn_params = sum(
+    int(np.prod(x.shape))
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if any(getattr(k, "key", None) in ("scale", "bias") for k in path[-1:])
+    and "head" not in jax.tree_util.keystr(path)
+  )
   assert models.count_params(batch_stats) == bn_params
 
 
@@ -73,12 +79,15 @@ def test_batch_norm_train_and_eval(name):
   logits, new_stats = compiled(model)(params, stats, x, True, None)
   assert logits.shape == (8, 10) and logits.dtype == jnp.float32
   # Running mean after one step: 0.9 * 0 + 0.1 * batch mean of the stem output.
-  stem = jax.lax.conv_general_dilated(x, params["stem"]["kernel"], (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  np.testing.assert_allclose(new_stats["bn_stem"]["mean"], 0.1 * stem.mean((0, 1, 2)),
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(new_stats["bn_stem"]["var"],
-                             0.9 + 0.1 * stem.var((0, 1, 2)), rtol=1e-4)
+  stem = jax.lax.conv_general_dilated(
+    x, params["stem"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  np.testing.assert_allclose(
+    new_stats["bn_stem"]["mean"], 0.1 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    new_stats["bn_stem"]["var"], 0.9 + 0.1 * stem.var((0, 1, 2)), rtol=1e-4
+  )
   # Eval mode uses the running statistics and changes nothing.
   out, same = compiled(model)(params, new_stats, x, False, None)
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, same, new_stats))
@@ -136,5 +145,6 @@ def test_nnx_matches_linen_when_given_the_same_weights():
   a, sa = compiled(linen)(lp, ls, x, True, None)
   b, sb = compiled(nnx_model)(np_, ns, x, True, None)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sa["stage3_block1"]["bn2"]["var"],
-                             sb["blocks"][2]["bn2"]["var"], rtol=1e-5)
+  np.testing.assert_allclose(
+    sa["stage3_block1"]["bn2"]["var"], sb["blocks"][2]["bn2"]["var"], rtol=1e-5
+  )

@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.cifar import input_pipeline  # noqa: E402
 
 
-
 def enable_compilation_cache():
   """Shares compiled programs between the trainer runs of one test session.
 
@@ -46,10 +45,22 @@ def enable_compilation_cache():
 enable_compilation_cache()
 
 LAYOUT = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
-    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"],
-                 b"fine_labels", 100),
+  "cifar10": (
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-py",
+    [f"data_batch_{i}" for i in range(1, 6)],
+    ["test_batch"],
+    b"labels",
+    10,
+  ),
+  "cifar100": (
+    "cifar-100-python.tar.gz",
+    "cifar-100-python",
+    ["train"],
+    ["test"],
+    b"fine_labels",
+    100,
+  ),
 }
 
 
@@ -63,8 +74,7 @@ def synthetic_images(n: int, num_classes: int, seed: int):
   return images, labels
 
 
-def make_archive(data_dir, dataset="cifar10", n_train=80, n_test=40, seed=0,
-                 extra_members=()):
+def make_archive(data_dir, dataset="cifar10", n_train=80, n_test=40, seed=0, extra_members=()):
   """Writes a synthetic archive into ``data_dir``; returns (path, train, test) arrays."""
   fname, top, train_names, test_names, label_key, num_classes = LAYOUT[dataset]
   train = synthetic_images(n_train, num_classes, seed)
@@ -77,9 +87,12 @@ def make_archive(data_dir, dataset="cifar10", n_train=80, n_test=40, seed=0,
     for names, (images, labels) in ((train_names, train), (test_names, test)):
       for name, idx in zip(names, np.array_split(np.arange(len(labels)), len(names))):
         rows = images[idx].transpose(0, 3, 1, 2).reshape(len(idx), 3072)
-        payload = {b"batch_label": name.encode(), b"data": rows,
-                   label_key: [int(v) for v in labels[idx]],
-                   b"filenames": [b"x.png"] * len(idx)}
+        payload = {
+          b"batch_label": name.encode(),
+          b"data": rows,
+          label_key: [int(v) for v in labels[idx]],
+          b"filenames": [b"x.png"] * len(idx),
+        }
         if dataset == "cifar100":
           payload[b"coarse_labels"] = [int(v) // 5 for v in labels[idx]]
         raw = pickle.dumps(payload, protocol=2)
@@ -101,14 +114,23 @@ def test_helper_matches_loader_writer_layout(tmp_path):
   path_a, train, test = make_archive(tmp_path / "a", "cifar10", n_train=23, n_test=7)
   split = input_pipeline.Split
   path_b = os.path.join(tmp_path / "b", "cifar-10-python.tar.gz")
-  input_pipeline.write_archive(path_b, "cifar10", split(train[0], train[1].astype(np.int32)),
-                               split(test[0], test[1].astype(np.int32)))
+  input_pipeline.write_archive(
+    path_b,
+    "cifar10",
+    split(train[0], train[1].astype(np.int32)),
+    split(test[0], test[1].astype(np.int32)),
+  )
   with tarfile.open(path_a) as ta, tarfile.open(path_b) as tb:
     files_a = sorted(m.name for m in ta if m.isfile())
     files_b = sorted(m.name for m in tb if m.isfile())
-  assert files_a == files_b == sorted(
+  assert (
+    files_a
+    == files_b
+    == sorted(
       [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
-      + ["cifar-10-batches-py/test_batch"])
+      + ["cifar-10-batches-py/test_batch"]
+    )
+  )
   tr_a, te_a = input_pipeline.read_archive(path_a, "cifar10")
   tr_b, te_b = input_pipeline.read_archive(path_b, "cifar10")
   np.testing.assert_array_equal(tr_a.images, train[0])

@@ -19,13 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from test_cifar_synthetic import make_archive  # noqa: E402
+
 import sam_optax  # noqa: E402
 from examples.cifar import train  # noqa: E402
 from examples.cifar.configs import default  # noqa: E402
-from test_cifar_synthetic import make_archive  # noqa: E402
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
-    os.path.join(ROOT, "examples", "cifar", "configs", "*.py")) if not p.endswith("__init__.py"))
+CONFIGS = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(ROOT, "examples", "cifar", "configs", "*.py"))
+  if not p.endswith("__init__.py")
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +64,17 @@ def leaves(tree):
 
 
 def test_every_config_is_listed():
-  assert {"unified_sam_wrn28_10", "sgd_wrn28_10", "sam_sps_resnet32_cifar100",
-          "sam_cosine_resnet32_cifar100", "sam_constant_resnet32_cifar100", "cpu_wrn16_4",
-          "smoke", "nnx_resnet20", "default"} <= set(CONFIGS)
+  assert {
+    "unified_sam_wrn28_10",
+    "sgd_wrn28_10",
+    "sam_sps_resnet32_cifar100",
+    "sam_cosine_resnet32_cifar100",
+    "sam_constant_resnet32_cifar100",
+    "cpu_wrn16_4",
+    "smoke",
+    "nnx_resnet20",
+    "default",
+  } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -75,8 +87,9 @@ def test_one_step_smoke(name, data_dir):
   assert run.data.num_classes == (100 if paper.dataset == "cifar100" else 10)
   assert run.steps_per_epoch == 4 and run.total_steps == 4 * paper.num_epochs
   before = leaves(run.state["params"])
-  batch = jax.device_put(train.input_pipeline.TrainBatches(
-      run.data.train, config.batch_size, config.seed)(0))
+  batch = jax.device_put(
+    train.input_pipeline.TrainBatches(run.data.train, config.batch_size, config.seed)(0)
+  )
   state, out = run.train_step(run.state, batch)
   after = leaves(state["params"])
   assert int(state["step"]) == 1
@@ -132,8 +145,11 @@ def test_nnx_model_is_stepped_by_sam_optax_nnx(m_sharpness, data_dir, monkeypatc
     params, opt_state, metrics, aux = functional(params, opt_state, batches(i), stats, None)
     stats = aux["batch_stats"]
     assert float(out["loss"]) == float(metrics["loss"])
-  for x, y in zip(leaves(state), leaves({"step": 3, "params": params, "opt_state": opt_state,
-                                         "batch_stats": stats}) + leaves(state["sums"])):
+  for x, y in zip(
+    leaves(state),
+    leaves({"step": 3, "params": params, "opt_state": opt_state, "batch_stats": stats})
+    + leaves(state["sums"]),
+  ):
     assert np.array_equal(x, y)
 
 
@@ -142,8 +158,11 @@ def test_bfloat16_compute_keeps_float32_params(data_dir):
   config.dtype = "bfloat16"
   run = train.setup(config, data_dir)
   batch = train.input_pipeline.TrainBatches(run.data.train, 16, 0)(0)
-  jaxpr = str(jax.make_jaxpr(run.loss_fn)(run.state["params"], batch,
-                                         run.state["batch_stats"], jax.random.key(0)))
+  jaxpr = str(
+    jax.make_jaxpr(run.loss_fn)(
+      run.state["params"], batch, run.state["batch_stats"], jax.random.key(0)
+    )
+  )
   assert "bf16" in jaxpr
   state, out = run.train_step(run.state, jax.device_put(batch))
   assert {x.dtype for x in jax.tree_util.tree_leaves(state["params"])} == {jnp.dtype("float32")}
@@ -157,8 +176,7 @@ def test_label_smoothing_changes_the_loss(data_dir):
     config.label_smoothing = smoothing
     run = train.setup(config, data_dir)
     batch = train.input_pipeline.TrainBatches(run.data.train, 16, 0)(0)
-    loss, _ = run.loss_fn(run.state["params"], batch, run.state["batch_stats"],
-                          jax.random.key(0))
+    loss, _ = run.loss_fn(run.state["params"], batch, run.state["batch_stats"], jax.random.key(0))
     losses.append(float(loss))
   logits = jnp.zeros((1, 10))
   smoothed = train.cross_entropy(logits, jnp.array([3]), 10, 0.1)
@@ -175,8 +193,7 @@ def test_schedules():
   assert float(s(1000)) == pytest.approx(0.0, abs=1e-9)
   c.schedule, c.lr_boundaries, c.lr_decay = "step", (3, 6, 8), 0.2
   s = train.learning_rate_schedule(c, 100)
-  assert [round(float(s(t)), 6) for t in (0, 299, 300, 600, 800)] == [0.1, 0.1, 0.02, 0.004,
-                                                                         0.0008]
+  assert [round(float(s(t)), 6) for t in (0, 299, 300, 600, 800)] == [0.1, 0.1, 0.02, 0.004, 0.0008]
   c.schedule, c.warmup_epochs = "constant", 1
   s = train.learning_rate_schedule(c, 100)
   assert float(s(50)) == pytest.approx(0.05) and float(s(100)) == pytest.approx(0.1)
@@ -232,15 +249,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
       raise KeyboardInterrupt
 
   with pytest.raises(train.TrainingInterrupted) as e:
-    train.train_and_evaluate(small_run_config(), split, data_dir=data_dir,
-                             hooks=[sigterm_at_3])
+    train.train_and_evaluate(small_run_config(), split, data_dir=data_dir, hooks=[sigterm_at_3])
   assert (e.value.signum, e.value.step, e.value.saved) == (signal.SIGTERM, 3, True)
   with pytest.raises(train.TrainingInterrupted) as e:
-    train.train_and_evaluate(small_run_config(), split, data_dir=data_dir, resume=True,
-                             hooks=[ctrl_c_at_6])
+    train.train_and_evaluate(
+      small_run_config(), split, data_dir=data_dir, resume=True, hooks=[ctrl_c_at_6]
+    )
   assert (e.value.signum, e.value.step, e.value.saved) == (signal.SIGINT, 6, True)
-  resumed = train.train_and_evaluate(small_run_config(), split, data_dir=data_dir,
-                                     resume=True)
+  resumed = train.train_and_evaluate(small_run_config(), split, data_dir=data_dir, resume=True)
 
   run = train.setup(small_run_config(), data_dir)
   a = final_state(full, run)
@@ -261,20 +277,33 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
   assert [r["step"] for r in steps] == [2, 4, 6, 8]
   first = records(full)[0]
   assert "top_hessian_eigenvalue" not in first  # diagnostics are off by default
-  assert set(first) >= {"train_loss", "train_accuracy", "train_perturbed_loss",
-                        "train_sharpness", "learning_rate", "test_loss", "test_accuracy"}
+  assert set(first) >= {
+    "train_loss",
+    "train_accuracy",
+    "train_perturbed_loss",
+    "train_sharpness",
+    "learning_rate",
+    "test_loss",
+    "test_accuracy",
+  }
   assert first["train_sharpness"] == pytest.approx(
-      first["train_perturbed_loss"] - first["train_loss"], abs=1e-5)
+    first["train_perturbed_loss"] - first["train_loss"], abs=1e-5
+  )
   with open(os.path.join(full, "report.json")) as f:
-    assert json.load(f)["best_test_accuracy"] == max(r["test_accuracy"]
-                                                    for r in records(full))
+    assert json.load(f)["best_test_accuracy"] == max(r["test_accuracy"] for r in records(full))
 
 
 def test_sharpness_diagnostics_are_logged(tmp_path, data_dir):
   from sam_optax import sharpness
 
-  config = small_run_config(num_epochs=1, plots=True, sharpness_every_epochs=1,
-                            sharpness_num_iters=5, sharpness_num_samples=3, sharpness_rho=0.05)
+  config = small_run_config(
+    num_epochs=1,
+    plots=True,
+    sharpness_every_epochs=1,
+    sharpness_num_iters=5,
+    sharpness_num_samples=3,
+    sharpness_rho=0.05,
+  )
   train.train_and_evaluate(config, str(tmp_path), data_dir=data_dir)
   (rec,) = train._read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   assert rec["sharpness_seconds"] > 0
@@ -292,9 +321,10 @@ def test_sharpness_diagnostics_are_logged(tmp_path, data_dir):
   args = (loss_fn, state["params"], batch, state["batch_stats"])
   eig_key, trace_key = jax.random.split(jax.random.fold_in(jax.random.key(2), 1))
   expected = {
-      "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(*args, num_iters=5, key=eig_key),
-      "hessian_trace": sharpness.hessian_trace(*args, num_samples=3, key=trace_key),
-      "rho_sharpness": sharpness.worst_case_sharpness(*args, rho=0.05)}
+    "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(*args, num_iters=5, key=eig_key),
+    "hessian_trace": sharpness.hessian_trace(*args, num_samples=3, key=trace_key),
+    "rho_sharpness": sharpness.worst_case_sharpness(*args, rho=0.05),
+  }
   for key, value in expected.items():
     assert rec[key] == pytest.approx(float(value), rel=1e-4), key
   assert rec["top_hessian_eigenvalue"] > 0 and rec["rho_sharpness"] > 0
@@ -347,8 +377,9 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path, data_dir):
     train.train_and_evaluate(c100, workdir, data_dir=data_dir, resume=True)
 
   # A resumed run that diverges stops without saving its non-finite state.
-  diverging = small_run_config(num_epochs=2, learning_rate=float("inf"),
-                               checkpoint_every_steps=1, log_every_steps=100)
+  diverging = small_run_config(
+    num_epochs=2, learning_rate=float("inf"), checkpoint_every_steps=1, log_every_steps=100
+  )
   with pytest.raises(FloatingPointError, match="not finite|loss is"):
     train.train_and_evaluate(diverging, workdir, data_dir=data_dir, resume=True)
   assert tree_digest(ckpt) == digest
@@ -385,7 +416,9 @@ def test_unknown_config_key_is_an_error():
     train.check_config(c)
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("optimizer", "adam", "optimizer must be one of"),
     ("schedule", "linear", "schedule must be one of"),
     ("lambd", "2", r"`lambd` must be .*got 2\.0"),  # sam_optax's errors
@@ -395,7 +428,8 @@ def test_unknown_config_key_is_an_error():
     ("dataset", "svhn", "dataset must be one of"),
     ("rho", -0.1, "`rho` must be >= 0"),
     ("label_smoothing", 1.0, "label_smoothing"),
-])
+  ],
+)
 def test_invalid_config_values(key, value, match, data_dir):
   c = tiny(load_config("smoke"))
   setattr(c, key, value)
@@ -406,10 +440,21 @@ def test_invalid_config_values(key, value, match, data_dir):
 def test_cli_reports_missing_archive(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "examples.cifar.main",
-       "--config=examples/cifar/configs/smoke.py", f"--data_dir={tmp_path}",
-       f"--workdir={tmp_path / 'w'}", "--config.lambd=1/t"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "examples.cifar.main",
+      "--config=examples/cifar/configs/smoke.py",
+      f"--data_dir={tmp_path}",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.lambd=1/t",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert "cifar-10-python.tar.gz" in proc.stderr and "never downloads" in proc.stderr
 
@@ -427,19 +472,28 @@ def test_cli_rejects_unknown_override():
 def test_cli_trains_and_resumes_after_sigterm(tmp_path, data_dir):
   """A real process killed by SIGTERM mid-run, resumed from the command line."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  args = [sys.executable, "-m", "examples.cifar.main",
-          "--config=examples/cifar/configs/smoke.py", f"--data_dir={data_dir}",
-          f"--workdir={tmp_path}", "--config.num_epochs=30", "--config.model_width=4"]
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  args = [
+    sys.executable,
+    "-m",
+    "examples.cifar.main",
+    "--config=examples/cifar/configs/smoke.py",
+    f"--data_dir={data_dir}",
+    f"--workdir={tmp_path}",
+    "--config.num_epochs=30",
+    "--config.model_width=4",
+  ]
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   for line in proc.stdout:  # wait until epoch 2 has finished, then stop the run
     if line.startswith("epoch=2 "):
       proc.send_signal(signal.SIGTERM)
       break
   rest = proc.communicate(timeout=300)[0]
   assert proc.returncode == 128 + signal.SIGTERM, rest
-  done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  done = subprocess.run(
+    args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stderr
   assert "Resumed from" in done.stdout
   assert [r["epoch"] for r in records(str(tmp_path))] == list(range(1, 31))
@@ -451,5 +505,6 @@ def test_sgd_records_have_no_perturbed_point(tmp_path, data_dir):
   (rec,) = records(str(tmp_path))
   assert "train_perturbed_loss" not in rec and "train_sharpness" not in rec
   assert rec["learning_rate"] == pytest.approx(
-      np.mean([float(train.learning_rate_schedule(config, 4)(s)) for s in range(4)]))
+    np.mean([float(train.learning_rate_schedule(config, 4)(s)) for s in range(4)])
+  )
   assert report["optimizer"] == "sgd" and os.path.exists(tmp_path / "plots" / "curves.png")

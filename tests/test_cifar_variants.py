@@ -17,10 +17,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
+from test_cifar_synthetic import make_archive  # noqa: E402
+
 import sam_optax  # noqa: E402
 from examples.cifar import train  # noqa: E402
 from examples.cifar.configs import default  # noqa: E402
-from test_cifar_synthetic import make_archive  # noqa: E402
 
 LR, WD, RHO = 0.1, 5e-4, 0.1
 SPE = 4  # steps per epoch of the toy optimizer
@@ -37,10 +38,14 @@ def toy_config(**overrides):
 
 def tree(seed, scale=1.0):
   r = np.random.default_rng(seed)
-  return {"conv": {"kernel": jnp.asarray(scale * r.normal(size=(3, 3, 2, 4)), jnp.float32)},
-          "bn": {"scale": jnp.asarray(1.0 + 0.1 * r.normal(size=4), jnp.float32)},
-          "head": {"kernel": jnp.asarray(scale * r.normal(size=(4, 3)), jnp.float32),
-                   "bias": jnp.asarray(scale * r.normal(size=3), jnp.float32)}}
+  return {
+    "conv": {"kernel": jnp.asarray(scale * r.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "bn": {"scale": jnp.asarray(1.0 + 0.1 * r.normal(size=4), jnp.float32)},
+    "head": {
+      "kernel": jnp.asarray(scale * r.normal(size=(4, 3)), jnp.float32),
+      "bias": jnp.asarray(scale * r.normal(size=3), jnp.float32),
+    },
+  }
 
 
 X, G, GS = tree(0), tree(1), tree(2, scale=3.0)  # x, g = ∇f(x), ∇f(e) (‖∇f(e)‖ ≈ 19)
@@ -88,8 +93,12 @@ def test_defaults_build_the_plain_optimizer():
   config = toy_config(eta=0.5)  # η is used only with adaptive=True
   tx, schedule = train.create_optimizer(config, SPE)
   plain = sam_optax.unified_sam(
-      optax.chain(optax.add_decayed_weights(WD), optax.trace(decay=0.9),
-                  optax.scale_by_learning_rate(schedule)), rho=RHO, lambd=1.0)
+    optax.chain(
+      optax.add_decayed_weights(WD), optax.trace(decay=0.9), optax.scale_by_learning_rate(schedule)
+    ),
+    rho=RHO,
+    lambd=1.0,
+  )
   assert jax.tree.structure(tx.init(X)) == jax.tree.structure(plain.init(X))
   fn = lambda e: (jnp.float32(1.0), GS)  # noqa: E731
   ours = tx.update(G, tx.init(X), X, value_and_grad_fn=fn)
@@ -97,8 +106,9 @@ def test_defaults_build_the_plain_optimizer():
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     assert np.array_equal(a, b)
   delta, descent, _ = first_update(config)
-  assert_trees_close(delta, jax.tree.map(lambda g: RHO * g / np.linalg.norm(flat(G)), G),
-                     atol=DELTA_ATOL)
+  assert_trees_close(
+    delta, jax.tree.map(lambda g: RHO * g / np.linalg.norm(flat(G)), G), atol=DELTA_ATOL
+  )
   assert_trees_close(descent, GS)
 
 
@@ -107,15 +117,18 @@ def test_gsam_descends_along_the_corrected_gradient():
   g, gs = flat(G), flat(GS)
   orthogonal = g - (g @ gs) / (gs @ gs) * gs  # the clean gradient's part ⟂ ∇f(e)
   np.testing.assert_allclose(flat(descent), gs - 0.3 * orthogonal, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(flat(delta), RHO * g / np.linalg.norm(g), rtol=1e-5,
-                             atol=DELTA_ATOL)  # the ascent is SAM's
+  np.testing.assert_allclose(
+    flat(delta), RHO * g / np.linalg.norm(g), rtol=1e-5, atol=DELTA_ATOL
+  )  # the ascent is SAM's
 
 
-@pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 1), ("step", 0),
-                                             ("constant", 0)])
+@pytest.mark.parametrize(
+  "schedule,warmup", [("cosine", 0), ("cosine", 1), ("step", 0), ("constant", 0)]
+)
 def test_gsam_rho_follows_the_learning_rate(schedule, warmup):
-  config = toy_config(gsam_rho_min=0.02, schedule=schedule, warmup_epochs=warmup,
-                      lr_boundaries=(1,), lr_decay=0.2)
+  config = toy_config(
+    gsam_rho_min=0.02, schedule=schedule, warmup_epochs=warmup, lr_boundaries=(1,), lr_decay=0.2
+  )
   tx, lr = train.create_optimizer(config, SPE)
   state = tx.init(X)
   fn = lambda e: (jnp.float32(1.0), GS)  # noqa: E731
@@ -140,8 +153,13 @@ def test_asam_perturbation(mask):
   delta, descent, _ = first_update(toy_config(adaptive=True, eta=eta, rho=rho, asam_mask=mask))
   # T = |x| + η on the scaled leaves, 1 elsewhere; δ = ρ T²g / ‖T g‖ (λ = 1).
   kernels = {("conv", "kernel"), ("head", "kernel")}  # not the BN scale, not the bias
-  t = {k: {n: jnp.abs(x) + eta if mask == "all" or (k, n) in kernels else jnp.ones_like(x)
-           for n, x in v.items()} for k, v in X.items()}
+  t = {
+    k: {
+      n: jnp.abs(x) + eta if mask == "all" or (k, n) in kernels else jnp.ones_like(x)
+      for n, x in v.items()
+    }
+    for k, v in X.items()
+  }
   tg = jax.tree.map(lambda a, b: a * b, t, G)
   expected = jax.tree.map(lambda a, b: rho * a * b / np.linalg.norm(flat(tg)), t, tg)
   assert_trees_close(delta, expected, atol=DELTA_ATOL)
@@ -151,14 +169,16 @@ def test_asam_perturbation(mask):
 def test_clip_norm_clips_the_descent_gradient_only():
   c = 0.5
   delta, descent, _ = first_update(toy_config(clip_norm=c, lambd="0"))  # USAM: δ = ρ g
-  np.testing.assert_allclose(flat(delta), RHO * flat(G), rtol=1e-5,
-                             atol=DELTA_ATOL)  # the ascent is not clipped
+  np.testing.assert_allclose(
+    flat(delta), RHO * flat(G), rtol=1e-5, atol=DELTA_ATOL
+  )  # the ascent is not clipped
   np.testing.assert_allclose(flat(descent), flat(GS) * c / np.linalg.norm(flat(GS)), rtol=1e-5)
   # SGD: the one gradient is clipped, then weight decay is added.
   tx, _ = train.create_optimizer(toy_config(clip_norm=c, optimizer="sgd"), SPE)
   updates, _ = tx.update(GS, tx.init(X), X)
-  np.testing.assert_allclose(flat(updates), -LR * (flat(GS) * c / np.linalg.norm(flat(GS))
-                                                   + WD * flat(X)), rtol=1e-5)
+  np.testing.assert_allclose(
+    flat(updates), -LR * (flat(GS) * c / np.linalg.norm(flat(GS)) + WD * flat(X)), rtol=1e-5
+  )
   # A bound above ‖∇f(e)‖ changes nothing, bit for bit.
   _, loose, _ = first_update(toy_config(clip_norm=1e6))
   _, plain, _ = first_update(toy_config())
@@ -181,14 +201,16 @@ def test_resume_with_another_state_layout_is_a_clear_error(tmp_path):
   def save(config):  # a checkpoint of the optimizer state the config builds
     tx, _ = train.create_optimizer(config, SPE)
     manager = train.checkpoint_manager(str(tmp_path / str(len(os.listdir(tmp_path)))), config)
-    train.save_checkpoint(manager, 1, {"params": X, "opt_state": tx.init(X)},
-                          train.checkpoint_metadata(config, 10))
+    train.save_checkpoint(
+      manager, 1, {"params": X, "opt_state": tx.init(X)}, train.checkpoint_metadata(config, 10)
+    )
     return manager
 
   def resume(manager, config):
     tx, _ = train.create_optimizer(config, SPE)
-    return train.restore_checkpoint(manager, 1, {"params": X, "opt_state": tx.init(X)},
-                                    train.checkpoint_metadata(config, 10))
+    return train.restore_checkpoint(
+      manager, 1, {"params": X, "opt_state": tx.init(X)}, train.checkpoint_metadata(config, 10)
+    )
 
   plain = toy_config()
   with pytest.raises(train.CheckpointMismatchError, match="gsam_alpha=0.1"):
@@ -201,12 +223,16 @@ def test_resume_with_another_state_layout_is_a_clear_error(tmp_path):
   resume(save(plain), toy_config(rho=0.3))  # ρ may change on resume
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     # The trainer's own checks: keys an optimizer does not use, values only it knows.
     (dict(optimizer="sgd", gsam_alpha=0.1), "gsam_alpha=0.1: not used by optimizer='sgd'"),
     (dict(optimizer="sgd", m_sharpness=4), "m_sharpness=4: not used by optimizer='sgd'"),
-    (dict(optimizer="sam_sps", gsam_rho_min=0.01),
-     "gsam_rho_min=0.01: not used by optimizer='sam_sps'"),
+    (
+      dict(optimizer="sam_sps", gsam_rho_min=0.01),
+      "gsam_rho_min=0.01: not used by optimizer='sam_sps'",
+    ),
     (dict(optimizer="sam_sps", clip_norm=1.0), "clip_norm=1.0: not used by optimizer='sam_sps'"),
     (dict(looksam_alpha=0.5), "looksam_alpha=0.5 .*needs sam_every > 1"),
     (dict(adaptive=True, asam_mask="biases"), "asam_mask must be one of"),
@@ -225,7 +251,8 @@ def test_resume_with_another_state_layout_is_a_clear_error(tmp_path):
     (dict(m_sharpness=4, optimizer="sam_sps"), "m-sharpness.*not supported with SAM-SPS"),
     (dict(m_sharpness=4, sam_every=2), "m-sharpness.*not supported with interval_sam"),
     (dict(m_sharpness=4, gsam_alpha=0.1), "m-sharpness.*not supported with gsam"),
-])
+  ],
+)
 def test_bad_combinations_are_clear_errors(overrides, match, data_dir):
   from test_cifar_devices import tiny_config
 
@@ -277,14 +304,18 @@ def test_interval_sam_skipped_step_is_sgd_on_the_clean_gradient(data_dir):
   assert_trees_close(s2["params"], expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(sam_every=2, looksam_alpha=0.5),
     dict(gsam_alpha=0.2, gsam_rho_min=0.02),
     dict(adaptive=True, rho=1.0, asam_mask="kernels"),
     dict(clip_norm=0.05),
     dict(m_sharpness=4),
     dict(optimizer="sam_sps", lambd="1", gsam_alpha=0.2, adaptive=True),
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+  ],
+  ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_each_option_trains(overrides, data_dir, plain):
   run, _, states, outs = trainer_steps(data_dir, **overrides)
   assert run.train_step._cache_size() == 1

@@ -191,8 +191,6 @@ def assert_close_to_ref(outs, refs, tol=F32_TOL):
       np.testing.assert_allclose(got[k], x_ref[k], err_msg=f"step {i + 1}, leaf {k}", **tol)
 
 
-
-
 # --- the float32 product: optimizers × wrappers ------------------------------------------
 
 

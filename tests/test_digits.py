@@ -61,7 +61,7 @@ def test_sharpness_is_measured_on_the_final_parameters(results):
   # numbers, and they are the diagnostics of the inference-mode loss on the whole
   # (here: 256-example) training set, recomputed directly.
   assert len(MEASURED) == len(results)
-  for (params, batch_stats), data, out in MEASURED.values():
+  for _, data, _ in MEASURED.values():
     assert len(data["y_train"]) == SMALL.train_examples
   for i, (name, r) in enumerate(results.items()):
     (params, batch_stats), data, out = MEASURED[i]
@@ -69,16 +69,23 @@ def test_sharpness_is_measured_on_the_final_parameters(results):
     assert r["worst_case_sharpness"] == out["worst_case_sharpness"]
     batch = {"image": jnp.asarray(data["x_train"]), "label": jnp.asarray(data["y_train"])}
     loss = lambda p, b, s: optax.softmax_cross_entropy_with_integer_labels(
-        train.MODEL.apply({"params": p, "batch_stats": s}, b["image"], train=False),
-        b["label"]).mean()
+      train.MODEL.apply({"params": p, "batch_stats": s}, b["image"], train=False), b["label"]
+    ).mean()
     # Same numbers as a direct call with the job's settings ...
     direct = sharpness.top_hessian_eigenvalue(
-        loss, params, batch, batch_stats, num_iters=SMALL.eig_iters, tol=SMALL.eig_tol,
-        key=jax.random.key(SMALL.seed))
+      loss,
+      params,
+      batch,
+      batch_stats,
+      num_iters=SMALL.eig_iters,
+      tol=SMALL.eig_tol,
+      key=jax.random.key(SMALL.seed),
+    )
     assert r["top_hessian_eigenvalue"] == pytest.approx(float(direct), rel=1e-4), name
     # ... and close to a long run from another start (the job stops at a 1e-3 change).
-    long = sharpness.top_hessian_eigenvalue(loss, params, batch, batch_stats, num_iters=300,
-                                            tol=1e-6, key=jax.random.key(99))
+    long = sharpness.top_hessian_eigenvalue(
+      loss, params, batch, batch_stats, num_iters=300, tol=1e-6, key=jax.random.key(99)
+    )
     assert r["top_hessian_eigenvalue"] == pytest.approx(float(long), rel=5e-2), name
     # The ρ-ball sharpness is at least SAM's one step (its first point), by hand.
     g = jax.grad(loss)(params, batch, batch_stats)
@@ -113,9 +120,9 @@ def test_rho_zero_sam_retraces_sgd(results):
   [sam] = train.run(dataclasses.replace(SMALL, rho=0.0), ["sam"], progress=False)
   for a, b in zip(results["sgd"]["history"], sam["history"], strict=True):
     np.testing.assert_allclose(
-        [a["train_loss"], a["test_loss"], a["test_accuracy"]],
-        [b["train_loss"], b["test_loss"], b["test_accuracy"]],
-        rtol=1e-5,
+      [a["train_loss"], a["test_loss"], a["test_accuracy"]],
+      [b["train_loss"], b["test_loss"], b["test_accuracy"]],
+      rtol=1e-5,
     )
   assert sam["history"] != results["sam"]["history"]  # while ρ = 0.05 does move SAM
 
@@ -146,10 +153,25 @@ def test_table(results):
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
   out, figure = tmp_path / "results.json", tmp_path / "figure.png"
-  returned = train.main([
-      "--optimizers", "sgd", "--epochs", "1", "--batch_size", "32", "--train_examples", "64",
-      "--seed", "3", "--out", str(out), "--no_progress", "--plot", str(figure),
-  ])
+  returned = train.main(
+    [
+      "--optimizers",
+      "sgd",
+      "--epochs",
+      "1",
+      "--batch_size",
+      "32",
+      "--train_examples",
+      "64",
+      "--seed",
+      "3",
+      "--out",
+      str(out),
+      "--no_progress",
+      "--plot",
+      str(figure),
+    ]
+  )
   printed = capsys.readouterr().out
   assert printed.splitlines()[0].startswith("| optimizer")
   assert "| SGD " in printed
@@ -165,17 +187,35 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
 
 def test_cli_seeds_mean_and_std(tmp_path, capsys):
   out = tmp_path / "results.json"
-  returned = train.main([
-      "--optimizers", "sgd", "--epochs", "1", "--batch_size", "32", "--train_examples", "64",
-      "--seed", "5", "--seeds", "2", "--out", str(out), "--no_progress", "--plot", "none",
-  ])
+  returned = train.main(
+    [
+      "--optimizers",
+      "sgd",
+      "--epochs",
+      "1",
+      "--batch_size",
+      "32",
+      "--train_examples",
+      "64",
+      "--seed",
+      "5",
+      "--seeds",
+      "2",
+      "--out",
+      str(out),
+      "--no_progress",
+      "--plot",
+      "none",
+    ]
+  )
   printed = capsys.readouterr().out
   saved = json.loads(out.read_text())
   assert saved["seeds"] == [5, 6] and [r["seed"] for r in saved["results"]] == [5, 6]
   assert saved["results"] == returned
   # Seed 6 of the pair is the single run with --seed 6.
-  [alone] = train.run(dataclasses.replace(SMALL, epochs=1, train_examples=64, seed=6), ["sgd"],
-                      progress=False)
+  [alone] = train.run(
+    dataclasses.replace(SMALL, epochs=1, train_examples=64, seed=6), ["sgd"], progress=False
+  )
   assert _numbers(alone) == _numbers(returned[1])
   [summary] = saved["summary"]
   for key in ("train_loss", "test_accuracy", "top_hessian_eigenvalue", "worst_case_sharpness"):
@@ -184,8 +224,7 @@ def test_cli_seeds_mean_and_std(tmp_path, capsys):
       assert values[0] != values[1], key
     assert summary[key]["values"] == values
     assert summary[key]["mean"] == pytest.approx((values[0] + values[1]) / 2, rel=1e-12)
-    assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2),
-                                                rel=1e-9)
+    assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2), rel=1e-9)
   assert summary["mean_step_size"] is None
   row = printed.splitlines()[2]
   lam = summary["top_hessian_eigenvalue"]
@@ -195,10 +234,19 @@ def test_cli_seeds_mean_and_std(tmp_path, capsys):
 
 def test_summarize_arithmetic():
   rows = [
-      {"optimizer": "sam", "label": "SAM", "seed": s, "train_loss": v, "test_loss": v,
-       "test_accuracy": v, "top_hessian_eigenvalue": 10 * v, "worst_case_sharpness": v,
-       "ms_per_step": 1.0, "mean_step_size": None}
-      for s, v in ((0, 1.0), (1, 2.0), (2, 4.0))
+    {
+      "optimizer": "sam",
+      "label": "SAM",
+      "seed": s,
+      "train_loss": v,
+      "test_loss": v,
+      "test_accuracy": v,
+      "top_hessian_eigenvalue": 10 * v,
+      "worst_case_sharpness": v,
+      "ms_per_step": 1.0,
+      "mean_step_size": None,
+    }
+    for s, v in ((0, 1.0), (1, 2.0), (2, 4.0))
   ]
   [s] = train.summarize(rows)
   assert s["seeds"] == [0, 1, 2] and s["label"] == "SAM"
@@ -215,31 +263,42 @@ def test_summarize_arithmetic():
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--optimizers", "sgd,adam"], "--optimizers: unknown optimizer(s) ['adam']"),
-        (["--optimizers", ","], "--optimizers: unknown optimizer(s)"),
-        (["--epochs", "0"], "`epochs` must be at least 1"),
-        (["--batch_size", "2000"], "`batch_size` must be in [1, 1437]"),
-        (["--train_examples", "0"], "`train_examples` must be in [1, 1437]"),
-        (["--rho", "-0.1", "--optimizers", "sgd,sam"], "`rho`"),
-        (["--seeds", "0"], "--seeds must be at least 1, got 0."),
-        (["--eig_iters", "0"], "--eig_iters must be at least 1, got 0."),
-        (["--sharpness_steps", "0"], "--sharpness_steps must be at least 1"),
-        (["--sharpness_rho", "-1"], "--sharpness_rho must be >= 0"),
+  "argv, message",
+  [
+    (["--optimizers", "sgd,adam"], "--optimizers: unknown optimizer(s) ['adam']"),
+    (["--optimizers", ","], "--optimizers: unknown optimizer(s)"),
+    (["--epochs", "0"], "`epochs` must be at least 1"),
+    (["--batch_size", "2000"], "`batch_size` must be in [1, 1437]"),
+    (["--train_examples", "0"], "`train_examples` must be in [1, 1437]"),
+    (["--rho", "-0.1", "--optimizers", "sgd,sam"], "`rho`"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0."),
+    (["--eig_iters", "0"], "--eig_iters must be at least 1, got 0."),
+    (["--sharpness_steps", "0"], "--sharpness_steps must be at least 1"),
+    (["--sharpness_rho", "-1"], "--sharpness_rho must be >= 0"),
     (["--optimizers", "sgd,intervall"], "--optimizers: unknown optimizer(s) ['intervall']"),
-    (["--optimizers", "interval", "--sam_every", "0"],
-     "interval (--sam_every 0): `every` must be a positive int, got 0."),
-    (["--optimizers", "looksam", "--looksam_alpha", "-1"],
-     "looksam (--sam_every 5, --looksam_alpha -1.0): `alpha` must be >= 0"),
-    (["--optimizers", "gsam", "--gsam_alpha", "nan"], "gsam (--gsam_alpha nan): `alpha` must be finite"),
-    (["--optimizers", "asam", "--asam_rho", "-0.5"],
-     "asam (--asam_rho -0.5, --asam_eta 0.01): `rho` must be >= 0"),
+    (
+      ["--optimizers", "interval", "--sam_every", "0"],
+      "interval (--sam_every 0): `every` must be a positive int, got 0.",
+    ),
+    (
+      ["--optimizers", "looksam", "--looksam_alpha", "-1"],
+      "looksam (--sam_every 5, --looksam_alpha -1.0): `alpha` must be >= 0",
+    ),
+    (
+      ["--optimizers", "gsam", "--gsam_alpha", "nan"],
+      "gsam (--gsam_alpha nan): `alpha` must be finite",
+    ),
+    (
+      ["--optimizers", "asam", "--asam_rho", "-0.5"],
+      "asam (--asam_rho -0.5, --asam_eta 0.01): `rho` must be >= 0",
+    ),
     (["--optimizers", "asam", "--asam_eta", "-1"], "asam (--asam_rho 0.5, --asam_eta -1.0): `eta`"),
-    (["--sam_every", "3", "--optimizers", "sgd,sam,gsam"],
-     "--sam_every applies to interval and looksam; add it to --optimizers."),
+    (
+      ["--sam_every", "3", "--optimizers", "sgd,sam,gsam"],
+      "--sam_every applies to interval and looksam; add it to --optimizers.",
+    ),
     (["--gsam_alpha", "0.2"], "--gsam_alpha applies to gsam; add it to --optimizers."),
-    ],
+  ],
 )
 def test_cli_bad_input(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -248,7 +307,9 @@ def test_cli_bad_input(argv, message, capsys):
   err = capsys.readouterr().err
   assert message in err
   if "unknown" in message:
-    assert "sgd, sam, usam, unified, sam_sps, interval, looksam, gsam, asam." in err  # the allowed names
+    assert (
+      "sgd, sam, usam, unified, sam_sps, interval, looksam, gsam, asam." in err
+    )  # the allowed names
 
 
 def test_bad_name_in_python_api():
@@ -275,8 +336,12 @@ def variants():
 def test_variants_learn_and_differ_from_sam(variants, results):
   assert list(variants) == VARIANTS
   labels = {n: r["label"] for n, r in variants.items()}
-  assert labels == {"interval": "Interval SAM (k=5)", "looksam": "LookSAM (k=5, α=0.3)",
-                    "gsam": "GSAM (α=0.1)", "asam": "ASAM (ρ=0.5, η=0.01)"}
+  assert labels == {
+    "interval": "Interval SAM (k=5)",
+    "looksam": "LookSAM (k=5, α=0.3)",
+    "gsam": "GSAM (α=0.1)",
+    "asam": "ASAM (ρ=0.5, η=0.01)",
+  }
   for name, r in variants.items():
     first, last = r["history"]
     assert r["steps"] == 16, name
@@ -299,7 +364,9 @@ def test_interval_rows_time_sam_and_skipped_steps_apart(variants):
   for name in ("interval", "looksam"):
     r = variants[name]
     assert r["ms_per_sam_step"] > 0 and r["ms_per_skipped_step"] > 0
-    assert r["ms_per_step"] == pytest.approx((r["ms_per_sam_step"] + 4 * r["ms_per_skipped_step"]) / 5)
+    assert r["ms_per_step"] == pytest.approx(
+      (r["ms_per_sam_step"] + 4 * r["ms_per_skipped_step"]) / 5
+    )
   for name in ("gsam", "asam"):
     assert variants[name]["ms_per_sam_step"] is None is variants[name]["ms_per_skipped_step"]
   lines = train.format_step_costs(list(variants.values())).splitlines()
@@ -324,8 +391,11 @@ def test_asam_perturbs_kernels_adaptively_and_the_rest_as_sam():
   params = variables["params"]
   mask = train.asam_mask(params)
   assert {k: jax.tree.leaves(v) for k, v in mask.items()} == {
-      "Conv_0": [True], "Conv_1": [True], "BatchNorm_0": [False, False],
-      "BatchNorm_1": [False, False], "Dense_0": [False, True],  # bias, kernel
+    "Conv_0": [True],
+    "Conv_1": [True],
+    "BatchNorm_0": [False, False],
+    "BatchNorm_1": [False, False],
+    "Dense_0": [False, True],  # bias, kernel
   }
   batch = {"image": jnp.asarray(data["x_train"][:32]), "label": jnp.asarray(data["y_train"][:32])}
   loss_fn = train.make_loss_fn(train.MODEL)
@@ -335,13 +405,21 @@ def test_asam_perturbs_kernels_adaptively_and_the_rest_as_sam():
   @jax.jit
   def perturbed_point(grads, params):  # the e = x + δ at which ASAM evaluates the loss
     seen = []
-    tx.update(grads, tx.init(params), params,
-              value_and_grad_fn=lambda e: (seen.append(e), (jnp.zeros([]), grads))[1])
+    tx.update(
+      grads,
+      tx.init(params),
+      params,
+      value_and_grad_fn=lambda e: (seen.append(e), (jnp.zeros([]), grads))[1],
+    )
     return seen[0]
 
   e = perturbed_point(grads, params)
-  delta = jax.tree.map(lambda e, x: np.asarray(e, np.float64) - np.asarray(x, np.float64), e, params)
-  scale = jax.tree.map(lambda x, k: np.abs(np.asarray(x, np.float64)) + 0.02 if k else 1.0, params, mask)
+  delta = jax.tree.map(
+    lambda e, x: np.asarray(e, np.float64) - np.asarray(x, np.float64), e, params
+  )
+  scale = jax.tree.map(
+    lambda x, k: np.abs(np.asarray(x, np.float64)) + 0.02 if k else 1.0, params, mask
+  )
   tg = jax.tree.map(lambda g, t: np.asarray(g, np.float64) * t, grads, scale)
   norm = np.sqrt(sum(np.sum(v**2) for v in jax.tree.leaves(tg)))
   expected = jax.tree.map(lambda v, t: 0.3 * v * t / norm, tg, scale)
@@ -351,11 +429,27 @@ def test_asam_perturbs_kernels_adaptively_and_the_rest_as_sam():
 
 def test_cli_variant_flags(tmp_path, capsys):
   out = tmp_path / "results.json"
-  [looksam] = train.main([
-      "--optimizers", "looksam", "--sam_every", "2", "--looksam_alpha", "0.5", "--epochs", "1",
-      "--batch_size", "32", "--train_examples", "128", "--out", str(out), "--no_progress",
-      "--plot", "none",
-  ])
+  [looksam] = train.main(
+    [
+      "--optimizers",
+      "looksam",
+      "--sam_every",
+      "2",
+      "--looksam_alpha",
+      "0.5",
+      "--epochs",
+      "1",
+      "--batch_size",
+      "32",
+      "--train_examples",
+      "128",
+      "--out",
+      str(out),
+      "--no_progress",
+      "--plot",
+      "none",
+    ]
+  )
   printed = capsys.readouterr().out
   assert "| LookSAM (k=2, α=0.5) " in printed
   assert "\nLookSAM (k=2, α=0.5): SAM steps " in printed and "skipped steps" in printed
@@ -365,4 +459,5 @@ def test_cli_variant_flags(tmp_path, capsys):
   assert saved["config"]["gsam_alpha"] == 0.1  # untouched defaults
   assert looksam["steps"] == 4
   assert looksam["ms_per_step"] == pytest.approx(
-      (looksam["ms_per_sam_step"] + looksam["ms_per_skipped_step"]) / 2)
+    (looksam["ms_per_sam_step"] + looksam["ms_per_skipped_step"]) / 2
+  )

@@ -32,11 +32,15 @@ def make_loss(model):
   def loss_fn(params, batch, batch_stats, dropout_key):
     x, y = batch
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_key},
+      {"params": params, "batch_stats": batch_stats},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": dropout_key},
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
     return loss, updates["batch_stats"]
+
   return loss_fn
 
 
@@ -54,19 +58,27 @@ def test_linen_batchnorm_stats_from_clean_pass_and_same_dropout_key():
   key = jax.random.key(7)
   new_params, _, metrics, new_stats = step(params, opt.init(params), (X, LABELS), stats, key)
 
-  (loss, clean_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, (X, LABELS), stats, key)
+  (loss, clean_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(
+    params, (X, LABELS), stats, key
+  )
   norm = optax.tree.norm(g)
   e = jax.tree.map(lambda p, gi: p + 0.5 * gi / (norm + 1e-12), params, g)
-  (loss_e, perturbed_stats), _ = jax.value_and_grad(loss_fn, has_aux=True)(e, (X, LABELS), stats, key)
+  (loss_e, perturbed_stats), _ = jax.value_and_grad(loss_fn, has_aux=True)(
+    e, (X, LABELS), stats, key
+  )
 
   for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(clean_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   # the perturbed pass's statistics differ, and are discarded
-  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(perturbed_stats)))
+  assert not all(
+    np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(perturbed_stats))
+  )
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
   # same dropout key in both passes: f(e) matches a pass at e with that key, not another key
   assert float(metrics["perturbed_loss"]) == pytest.approx(float(loss_e), rel=1e-5)
-  (loss_other, _), _ = jax.value_and_grad(loss_fn, has_aux=True)(e, (X, LABELS), stats, jax.random.key(8))
+  (loss_other, _), _ = jax.value_and_grad(loss_fn, has_aux=True)(
+    e, (X, LABELS), stats, jax.random.key(8)
+  )
   assert abs(float(loss_other) - float(loss_e)) > 1e-4
 
 
@@ -83,8 +95,12 @@ def test_linen_train_state_loop_learns():
 
   @jax.jit
   def train_step(state, batch, key):
-    params, opt_state, metrics, stats = step(state.params, state.opt_state, batch, state.batch_stats, key)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=stats), metrics
+    params, opt_state, metrics, stats = step(
+      state.params, state.opt_state, batch, state.batch_stats, key
+    )
+    return state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, batch_stats=stats
+    ), metrics
 
   losses = []
   for i in range(30):
@@ -116,16 +132,20 @@ def test_nnx_functional_pattern():
     m = nnx.merge(graphdef, params, rest, copy=True)
     x, y = batch
     loss = optax.softmax_cross_entropy_with_integer_labels(m(x, key), y).mean()
-    return loss, nnx.split(m, nnx.Param, ...)[2]   # BN statistics after the pass
+    return loss, nnx.split(m, nnx.Param, ...)[2]  # BN statistics after the pass
 
   opt = sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, lambd="1-1/t")
   step = sam_optax.sam_step(loss_fn, opt, has_aux=True, donate=False)
   opt_state = opt.init(params)
   key = jax.random.key(3)
-  (loss0, rest_clean), _ = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, (X, LABELS), rest, key)
+  (loss0, rest_clean), _ = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+    params, (X, LABELS), rest, key
+  )
   losses = []
   for i in range(20):
-    params, opt_state, metrics, rest_next = step(params, opt_state, (X, LABELS), rest, jax.random.fold_in(key, i) if i else key)
+    params, opt_state, metrics, rest_next = step(
+      params, opt_state, (X, LABELS), rest, jax.random.fold_in(key, i) if i else key
+    )
     if not losses:  # BN statistics come from the clean pass
       for a, b in zip(jax.tree.leaves(rest_next), jax.tree.leaves(rest_clean)):
         np.testing.assert_array_equal(a, b)
@@ -153,9 +173,11 @@ def test_nnx_optimizer_with_value_and_grad_fn():
   def loss_of_params(p):
     return loss_of_model(nnx.merge(graphdef, p, rest0, copy=True))
 
-  grads = nnx.grad(loss_of_model)(model)           # clean pass (updates BN statistics in model)
+  grads = nnx.grad(loss_of_model)(model)  # clean pass (updates BN statistics in model)
   optimizer.update(model, grads, value_and_grad_fn=jax.value_and_grad(loss_of_params))
-  ref, _, _ = sam_optax.sam_step(lambda p, b: loss_of_params(p), opt, donate=False)(params0, opt.init(params0), None)
+  ref, _, _ = sam_optax.sam_step(lambda p, b: loss_of_params(p), opt, donate=False)(
+    params0, opt.init(params0), None
+  )
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert not np.allclose(jax.tree.leaves(ref)[0], jax.tree.leaves(params0)[0])
@@ -171,7 +193,9 @@ def test_bfloat16_compute_with_float32_params():
     opt_state = opt.init(params)
     losses = []
     for i in range(25):
-      params, opt_state, metrics, stats = step(params, opt_state, (X, LABELS), stats, jax.random.key(i))
+      params, opt_state, metrics, stats = step(
+        params, opt_state, (X, LABELS), stats, jax.random.key(i)
+      )
       losses.append(float(metrics["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     assert metrics["grad_norm"].dtype == jnp.float32 and np.isfinite(float(metrics["grad_norm"]))
@@ -182,8 +206,10 @@ def test_bfloat16_compute_with_float32_params():
 
 def _f16_problem():
   params = {"w": jnp.ones((4,), jnp.float16)}
+
   def loss(p, batch):  # gradient w; at e = 2w it doubles
     return 0.5 * jnp.sum(p["w"].astype(jnp.float16) ** 2) * batch
+
   return params, loss
 
 
@@ -191,9 +217,15 @@ def test_float16_loss_scaling_matches_unscaled_step():
   params, loss = _f16_problem()
   base = sam_optax.unified_sam(optax.sgd(0.1), rho=0.5, lambd=1.0)
   scaled = sam_optax.dynamic_loss_scale(base, init_scale=2.0**8)
-  p1, s1, m1 = sam_optax.sam_step(loss, scaled, donate=False)(params, scaled.init(params), jnp.float16(1.0))
-  p0, _, m0 = sam_optax.sam_step(loss, base, donate=False)(params, base.init(params), jnp.float16(1.0))
-  np.testing.assert_allclose(np.asarray(p1["w"], np.float32), np.asarray(p0["w"], np.float32), rtol=1e-3)
+  p1, s1, m1 = sam_optax.sam_step(loss, scaled, donate=False)(
+    params, scaled.init(params), jnp.float16(1.0)
+  )
+  p0, _, m0 = sam_optax.sam_step(loss, base, donate=False)(
+    params, base.init(params), jnp.float16(1.0)
+  )
+  np.testing.assert_allclose(
+    np.asarray(p1["w"], np.float32), np.asarray(p0["w"], np.float32), rtol=1e-3
+  )
   assert p1["w"].dtype == jnp.float16
   assert float(m1["perturbed_loss"]) == pytest.approx(float(m0["perturbed_loss"]), rel=1e-3)
   assert float(m1["loss_scale"]) == 2.0**8 and not bool(m1["skipped"])
@@ -204,7 +236,7 @@ def test_float16_overflow_in_perturbed_pass_skips_the_whole_step():
   # clean pass: grad·scale = 2^15 is finite; perturbed point 1 + ρ·½ = 2 per coordinate
   # (ρ = 1, ‖g‖ = 2) gives grad·scale = 2^16 > float16 max: overflow only in pass two.
   opt = sam_optax.dynamic_loss_scale(
-      sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=2.0, lambd=1.0), init_scale=2.0**15
+    sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=2.0, lambd=1.0), init_scale=2.0**15
   )
   state = opt.init(params)
   step = sam_optax.sam_step(loss, opt, donate=False)
@@ -213,15 +245,17 @@ def test_float16_overflow_in_perturbed_pass_skips_the_whole_step():
   np.testing.assert_array_equal(p1["w"], params["w"])
   inner0, inner1 = state.inner, s1.inner
   for a, b in zip(jax.tree.leaves(inner0), jax.tree.leaves(inner1)):
-    np.testing.assert_array_equal(a, b)   # optimizer state untouched: count, momentum
-  p2, s2, m2 = step(p1, s1, jnp.float16(1.0))   # the halved scale fits: the step is taken
+    np.testing.assert_array_equal(a, b)  # optimizer state untouched: count, momentum
+  p2, s2, m2 = step(p1, s1, jnp.float16(1.0))  # the halved scale fits: the step is taken
   assert not bool(m2["skipped"]) and np.all(np.asarray(p2["w"]) < 1.0)
   assert int(sam_optax.find_state(s2, sam_optax.UnifiedPerturbationState).count) == 1
 
 
 def test_loss_scale_grows_after_interval():
   params, loss = _f16_problem()
-  opt = sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.01), 0.01), init_scale=4.0, growth_interval=2)
+  opt = sam_optax.dynamic_loss_scale(
+    sam_optax.unified_sam(optax.sgd(0.01), 0.01), init_scale=4.0, growth_interval=2
+  )
   step = sam_optax.sam_step(loss, opt, donate=False)
   state = opt.init(params)
   scales = []

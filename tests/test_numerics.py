@@ -39,8 +39,9 @@ def dtype(request):
 
 
 def f64(x):
-  return np.asarray(jnp.asarray(x).astype(jnp.float32) if jnp.asarray(x).dtype != jnp.float64
-                    else x).astype(np.float64)
+  return np.asarray(
+    jnp.asarray(x).astype(jnp.float32) if jnp.asarray(x).dtype != jnp.float64 else x
+  ).astype(np.float64)
 
 
 def run(opt, loss, params, batch=None, steps=1):
@@ -56,7 +57,8 @@ def run(opt, loss, params, batch=None, steps=1):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
 def test_zero_step_size_does_not_move_when_the_perturbed_gradient_is_not_finite(
-    dtype, weight_decay):
+  dtype, weight_decay
+):
   # -Σ log w: USAM with ρ = 1 moves w[1] = 1 to 0 and w[0] below 0, so f(e) and ∇f(e)
   # are not finite and γ_t = 0. before: w = [0.01, nan, 2.] with step_size = 0.
   loss = lambda p, b: -jnp.sum(jnp.log(p["w"]))
@@ -120,8 +122,9 @@ def test_huge_gradient_keeps_sam_normalized(dtype):
   delta, state = jax.jit(pert.update)(g, pert.init(g), g)
   rtol = RTOL[dtype.name]
   np.testing.assert_allclose(_true_norm(delta, 1.0), 0.1, rtol=rtol)
-  np.testing.assert_allclose(float(state.grad_norm), _true_norm(g, BIG[dtype.name]),
-                             rtol=max(rtol, 1e-6))
+  np.testing.assert_allclose(
+    float(state.grad_norm), _true_norm(g, BIG[dtype.name]), rtol=max(rtol, 1e-6)
+  )
   assert all(d.dtype == dtype for d in jax.tree.leaves(delta))
 
 
@@ -129,16 +132,22 @@ def test_huge_gradient_polyak_ratio_is_the_true_ratio(dtype):
   # r = (f - <g, δ>)/‖g‖² with ‖g‖² overflowing. before (float32, bfloat16, float64):
   # γ_t = 0; float16: already right.
   g = _big_gradient(dtype)
-  delta = jax.tree.map(lambda x: (x.astype(jnp.float32 if x.dtype != jnp.float64 else x.dtype)
-                                  * 1e-3 / BIG[dtype.name]).astype(dtype), g)
+  delta = jax.tree.map(
+    lambda x: (
+      x.astype(jnp.float32 if x.dtype != jnp.float64 else x.dtype) * 1e-3 / BIG[dtype.name]
+    ).astype(dtype),
+    g,
+  )
   value = 2.0 * BIG[dtype.name]
   sps = sam_optax.polyak_step_size(gamma_b=1.0, weight_decay=0.0)
   acc = _common.accumulation_dtype(g)
-  u, s = jax.jit(lambda g, d: sps.update(g, sps.init(g), g, value=jnp.asarray(value, acc),
-                                         perturbation=d))(g, delta)
+  u, s = jax.jit(
+    lambda g, d: sps.update(g, sps.init(g), g, value=jnp.asarray(value, acc), perturbation=d)
+  )(g, delta)
   big = BIG[dtype.name]
-  gd = sum(float(np.sum(f64(a) / big * f64(b)))
-           for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(delta)))
+  gd = sum(
+    float(np.sum(f64(a) / big * f64(b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(delta))
+  )
   want = (value / big - gd) / big / (_true_norm(g, big) / big) ** 2
   np.testing.assert_allclose(float(s.step_size), want, rtol=max(RTOL[dtype.name], 1e-5))
   assert all(np.all(np.isfinite(f64(x))) for x in jax.tree.leaves(u))
@@ -166,21 +175,22 @@ def test_huge_gradient_variants_stay_finite_and_exact(dtype, variant):
   lr = 0.5 / big
   sgd = lambda: optax.sgd(lr)
   opt, steps = {
-      "sam": (sam_optax.unified_sam(sgd(), rho=0.1), 1),
-      "gsam": (sam_optax.gsam(sam_optax.unified_sam(sgd(), rho=0.1), alpha=0.1), 1),
-      "looksam": (sam_optax.looksam(sam_optax.unified_sam(sgd(), rho=0.1), every=2), 2),
-      "sam_sps": (sam_optax.sam_sps(rho=0.1, weight_decay=0.0, gamma_b=1.0), 1),
+    "sam": (sam_optax.unified_sam(sgd(), rho=0.1), 1),
+    "gsam": (sam_optax.gsam(sam_optax.unified_sam(sgd(), rho=0.1), alpha=0.1), 1),
+    "looksam": (sam_optax.looksam(sam_optax.unified_sam(sgd(), rho=0.1), every=2), 2),
+    "sam_sps": (sam_optax.sam_sps(rho=0.1, weight_decay=0.0, gamma_b=1.0), 1),
   }[variant]
   params, state, metrics = run(opt, loss, w, b, steps)
   got = f64(params["w"])
-  assert np.all(np.isfinite(got))   # before (float32, bfloat16, float64): nan for gsam/looksam
+  assert np.all(np.isfinite(got))  # before (float32, bfloat16, float64): nan for gsam/looksam
   bb = f64(b.astype(dtype))
-  np.testing.assert_allclose(float(metrics["grad_norm"]), np.linalg.norm(bb / big) * big,
-                             rtol=max(RTOL[dtype.name], 1e-6))   # before: inf
+  np.testing.assert_allclose(
+    float(metrics["grad_norm"]), np.linalg.norm(bb / big) * big, rtol=max(RTOL[dtype.name], 1e-6)
+  )  # before: inf
   if variant == "sam_sps":
     gamma = float(np.sum(f64(w["w"]) * bb / big) / np.sum((bb / big) ** 2) / big)
     np.testing.assert_allclose(float(metrics["step_size"]), gamma, rtol=max(RTOL[dtype.name], 1e-5))
-    want = f64(w["w"]) - gamma * bb   # before: γ_t = 0, params unchanged
+    want = f64(w["w"]) - gamma * bb  # before: γ_t = 0, params unchanged
   else:
     want = f64(w["w"]) - steps * lr * bb
   np.testing.assert_allclose(got, want, atol=2 * RTOL[dtype.name] * 4)
@@ -188,31 +198,43 @@ def test_huge_gradient_variants_stay_finite_and_exact(dtype, variant):
 
 # --- 3. Bad hyperparameters at construction ---------------------------------------------------
 
-BAD = [[0.05], (0.05,), 1 + 1j, np.array([0.05]), jnp.array([0.05]), "0.05", jnp.array(1j),
-       None, True]
+BAD = [
+  [0.05],
+  (0.05,),
+  1 + 1j,
+  np.array([0.05]),
+  jnp.array([0.05]),
+  "0.05",
+  jnp.array(1j),
+  None,
+  True,
+]
 
 
 def _factories():
   base = optax.sgd(0.1)
   two_pass = lambda: sam_optax.unified_sam(optax.sgd(0.1))
   return {
-      "unified_perturbation": (sam_optax.unified_perturbation, ["rho", "lambd", "eps", "eta"]),
-      "unified_sam": (lambda **kw: sam_optax.unified_sam(base, **kw),
-                      ["rho", "lambd", "eps", "eta"]),
-      "sam_sps": (sam_optax.sam_sps,
-                  ["rho", "lambd", "f_star", "gamma_b", "weight_decay", "eps", "eta"]),
-      "polyak_step_size": (sam_optax.polyak_step_size,
-                           ["f_star", "gamma_b", "weight_decay", "eps"]),
-      "gsam": (lambda **kw: sam_optax.gsam(two_pass(), **kw), ["alpha"]),
-      "looksam": (lambda **kw: sam_optax.looksam(two_pass(), **kw), ["alpha", "every"]),
-      "interval_sam": (lambda **kw: sam_optax.interval_sam(two_pass(), **kw), ["every"]),
-      "dynamic_loss_scale": (lambda **kw: sam_optax.dynamic_loss_scale(two_pass(), **kw),
-                             ["init_scale", "min_scale", "growth_factor", "backoff_factor",
-                              "growth_interval"]),
-      "gsam_rho_schedule": (
-          lambda **kw: sam_optax.gsam_rho_schedule(**{"learning_rate": 0.1, "rho_max": 0.1,
-                                                      "lr_max": 0.1, **kw}),
-          ["learning_rate", "rho_max", "rho_min", "lr_max", "lr_min"]),
+    "unified_perturbation": (sam_optax.unified_perturbation, ["rho", "lambd", "eps", "eta"]),
+    "unified_sam": (lambda **kw: sam_optax.unified_sam(base, **kw), ["rho", "lambd", "eps", "eta"]),
+    "sam_sps": (
+      sam_optax.sam_sps,
+      ["rho", "lambd", "f_star", "gamma_b", "weight_decay", "eps", "eta"],
+    ),
+    "polyak_step_size": (sam_optax.polyak_step_size, ["f_star", "gamma_b", "weight_decay", "eps"]),
+    "gsam": (lambda **kw: sam_optax.gsam(two_pass(), **kw), ["alpha"]),
+    "looksam": (lambda **kw: sam_optax.looksam(two_pass(), **kw), ["alpha", "every"]),
+    "interval_sam": (lambda **kw: sam_optax.interval_sam(two_pass(), **kw), ["every"]),
+    "dynamic_loss_scale": (
+      lambda **kw: sam_optax.dynamic_loss_scale(two_pass(), **kw),
+      ["init_scale", "min_scale", "growth_factor", "backoff_factor", "growth_interval"],
+    ),
+    "gsam_rho_schedule": (
+      lambda **kw: sam_optax.gsam_rho_schedule(
+        **{"learning_rate": 0.1, "rho_max": 0.1, "lr_max": 0.1, **kw}
+      ),
+      ["learning_rate", "rho_max", "rho_min", "lr_max", "lr_min"],
+    ),
   }
 
 
@@ -271,8 +293,9 @@ def _inject_run(factory, params, loss, static=(), set_=None, **kw):
 def test_injected_gamma_b_is_clipped_to_zero(dtype, bad, clipped):
   # before (gamma_b = -1): step_size = -1, an ascent (w: [1, 2] -> [3.09, 6.18]).
   loss, w = _quadratic(dtype)
-  p, s, m = _inject_run(sam_optax.sam_sps, w, loss, set_={"gamma_b": bad},
-                        rho=0.1, gamma_b=1.0, weight_decay=0.0)
+  p, s, m = _inject_run(
+    sam_optax.sam_sps, w, loss, set_={"gamma_b": bad}, rho=0.1, gamma_b=1.0, weight_decay=0.0
+  )
   assert float(m["step_size"]) == clipped
   np.testing.assert_array_equal(f64(p["w"]), f64(w["w"]))
 
@@ -280,8 +303,9 @@ def test_injected_gamma_b_is_clipped_to_zero(dtype, bad, clipped):
 def test_injected_weight_decay_is_clipped_to_zero(dtype):
   # before: wd = -1 gave w = [0.751, 1.502] (anti-decay); now equal to wd = 0.
   loss, w = _quadratic(dtype)
-  p, _, _ = _inject_run(sam_optax.sam_sps, w, loss, set_={"weight_decay": -1.0},
-                        rho=0.1, gamma_b=1.0, weight_decay=0.0)
+  p, _, _ = _inject_run(
+    sam_optax.sam_sps, w, loss, set_={"weight_decay": -1.0}, rho=0.1, gamma_b=1.0, weight_decay=0.0
+  )
   ref, _, _ = run(sam_optax.sam_sps(rho=0.1, gamma_b=1.0, weight_decay=0.0), loss, w)
   np.testing.assert_array_equal(f64(p["w"]), f64(ref["w"]))
 
@@ -291,12 +315,19 @@ def test_negative_rho_is_clipped_to_zero(dtype, how):
   # before: ρ_t = -1 ran a descent-direction "ascent" (perturbed_loss 1.53 < loss 5).
   loss, w = _quadratic(dtype)
   if how == "inject":
-    p, s, m = _inject_run(sam_optax.unified_sam, w, loss, static=("base_optimizer",),
-                          set_={"rho": -1.0}, base_optimizer=optax.sgd(0.1), rho=0.1)
+    p, s, m = _inject_run(
+      sam_optax.unified_sam,
+      w,
+      loss,
+      static=("base_optimizer",),
+      set_={"rho": -1.0},
+      base_optimizer=optax.sgd(0.1),
+      rho=0.1,
+    )
   else:
     p, s, m = run(sam_optax.unified_sam(optax.sgd(0.1), rho=lambda c: -1.0 + 0 * c), loss, w)
   assert float(m["rho"]) == 0.0
-  assert float(m["perturbed_loss"]) == float(m["loss"])   # e = x
+  assert float(m["perturbed_loss"]) == float(m["loss"])  # e = x
   ref, _, _ = run(sam_optax.unified_sam(optax.sgd(0.1), rho=0.0), loss, w)
   np.testing.assert_array_equal(f64(p["w"]), f64(ref["w"]))
 
@@ -306,11 +337,20 @@ def test_lambda_above_one_is_clipped_to_one(dtype, how):
   # before: λ_t = 5 ran with λ = 5 (perturbed_loss 0.897 < loss 5, a descent).
   loss, w = _quadratic(dtype)
   if how == "inject":
-    p, s, m = _inject_run(sam_optax.unified_sam, w, loss, static=("base_optimizer",),
-                          set_={"lambd": 5.0}, base_optimizer=optax.sgd(0.1), rho=0.1, lambd=0.5)
+    p, s, m = _inject_run(
+      sam_optax.unified_sam,
+      w,
+      loss,
+      static=("base_optimizer",),
+      set_={"lambd": 5.0},
+      base_optimizer=optax.sgd(0.1),
+      rho=0.1,
+      lambd=0.5,
+    )
   else:
-    p, s, m = run(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=lambda c: 5.0 + 0 * c),
-                  loss, w)
+    p, s, m = run(
+      sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=lambda c: 5.0 + 0 * c), loss, w
+    )
   assert float(m["lambda"]) == 1.0
   ref, _, ref_m = run(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=1.0), loss, w)
   np.testing.assert_array_equal(f64(p["w"]), f64(ref["w"]))
@@ -319,15 +359,17 @@ def test_lambda_above_one_is_clipped_to_one(dtype, how):
 
 def test_negative_lambda_and_injected_gsam_alpha_are_clipped(dtype):
   loss, w = _quadratic(dtype)
-  p, _, m = run(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=lambda c: -2.0 + 0 * c),
-                loss, w)
+  p, _, m = run(
+    sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=lambda c: -2.0 + 0 * c), loss, w
+  )
   assert float(m["lambda"]) == 0.0
   ref, _, _ = run(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd=0.0), loss, w)
   np.testing.assert_array_equal(f64(p["w"]), f64(ref["w"]))
   # α < 0 injected into GSAM: clipped to 0, i.e. the wrapped optimizer.
   inner = sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)
-  p, _, _ = _inject_run(sam_optax.gsam, w, loss, static=("optimizer",), set_={"alpha": -1.0},
-                        optimizer=inner, alpha=0.1)
+  p, _, _ = _inject_run(
+    sam_optax.gsam, w, loss, static=("optimizer",), set_={"alpha": -1.0}, optimizer=inner, alpha=0.1
+  )
   ref, _, _ = run(inner, loss, w)
   np.testing.assert_array_equal(f64(p["w"]), f64(ref["w"]))
 
@@ -345,27 +387,31 @@ def test_loss_scaled_step_equals_unscaled_step_near_the_dtype_max(dtype, opt_nam
   # A scaled float16 gradient of 49152 (finite, near 65504) unscales to 1.5 exactly;
   # the step equals the unscaled one bit for bit. before: the same (unscaled in
   # float32), except float64, which was unscaled in float32: 1 + 2^-40 became 1.
-  b = np.array([1.5, -0.75, 1.0 + 2.0 ** -40 if dtype == jnp.float64 else 1.0])
+  b = np.array([1.5, -0.75, 1.0 + 2.0**-40 if dtype == jnp.float64 else 1.0])
   loss = _linear(dtype, b)
   w = {"w": jnp.array([1.0, 2.0, 3.0], dtype)}
-  make = {"unified_sam": lambda: sam_optax.unified_sam(optax.sgd(0.25), rho=0.1),
-          "sam_sps": lambda: sam_optax.sam_sps(rho=0.1, weight_decay=0.0)}[opt_name]
+  make = {
+    "unified_sam": lambda: sam_optax.unified_sam(optax.sgd(0.25), rho=0.1),
+    "sam_sps": lambda: sam_optax.sam_sps(rho=0.1, weight_decay=0.0),
+  }[opt_name]
   ref, _, _ = run(make(), loss, w)
-  p, s, m = run(sam_optax.dynamic_loss_scale(make(), init_scale=2.0 ** 15), loss, w)
+  p, s, m = run(sam_optax.dynamic_loss_scale(make(), init_scale=2.0**15), loss, w)
   assert not bool(m["skipped"])
   # Equal up to the fusion-dependent last bits (the two programs compile differently).
-  np.testing.assert_allclose(f64(p["w"]), f64(ref["w"]), rtol=0,
-                             atol=4 * 3 * float(jnp.finfo(dtype).eps))
+  np.testing.assert_allclose(
+    f64(p["w"]), f64(ref["w"]), rtol=0, atol=4 * 3 * float(jnp.finfo(dtype).eps)
+  )
 
 
 def test_loss_scale_overflow_in_float16_skips_and_backs_off():
   # Scaled gradient 4·2^15 = 131072 > 65504: inf in float16, so the step is skipped.
   loss = _linear(jnp.float16, [4.0, 1.0, 1.0])
   w = {"w": jnp.array([1.0, 2.0, 3.0], jnp.float16)}
-  opt = sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1),
-                                     init_scale=2.0 ** 15)
+  opt = sam_optax.dynamic_loss_scale(
+    sam_optax.unified_sam(optax.sgd(0.1), rho=0.1), init_scale=2.0**15
+  )
   p, s, m = run(opt, loss, w)
-  assert bool(m["skipped"]) and float(m["loss_scale"]) == 2.0 ** 14
+  assert bool(m["skipped"]) and float(m["loss_scale"]) == 2.0**14
   np.testing.assert_array_equal(f64(p["w"]), f64(w["w"]))
 
 
@@ -380,15 +426,17 @@ def test_loss_scale_skips_when_only_the_perturbed_gradient_is_not_finite(dtype):
   assert bool(m["skipped"]) and float(m["loss_scale"]) == 2.0
   np.testing.assert_array_equal(f64(p["w"]), f64(w["w"]))
   assert int(sam_optax.find_state(s, sam_optax.PolyakStepSizeState).count) == int(
-      sam_optax.find_state(state0, sam_optax.PolyakStepSizeState).count)
+    sam_optax.find_state(state0, sam_optax.PolyakStepSizeState).count
+  )
 
 
 def test_loss_scale_never_grows_to_inf():
-  opt = sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.0), rho=0.0),
-                                     init_scale=2.0 ** 127, growth_interval=1)
+  opt = sam_optax.dynamic_loss_scale(
+    sam_optax.unified_sam(optax.sgd(0.0), rho=0.0), init_scale=2.0**127, growth_interval=1
+  )
   loss = lambda p, b: jnp.sum(p["w"] * 0.0)
   p, s, m = run(opt, loss, {"w": jnp.ones(2)}, steps=2)
-  assert float(m["loss_scale"]) == 2.0 ** 127   # before: inf after one step
+  assert float(m["loss_scale"]) == 2.0**127  # before: inf after one step
 
 
 # --- The step's finite metric and skip, and apply_if_finite -------------------------------------
@@ -417,7 +465,7 @@ def test_apply_if_finite_leaves_state_and_counters_unchanged(dtype):
 
 
 def test_apply_if_finite_counts_a_non_finite_clean_gradient(dtype):
-  loss = lambda p, b: jnp.sum(jnp.sqrt(p["w"]))   # ∇ = inf at w = 0, the loss is finite
+  loss = lambda p, b: jnp.sum(jnp.sqrt(p["w"]))  # ∇ = inf at w = 0, the loss is finite
   w = {"w": jnp.array([0.0, 1.0, 2.0], dtype)}
   opt = optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1), 5)
   p, s, m = sam_optax.sam_step(loss, opt, donate=False)(w, opt.init(w), None)
@@ -439,20 +487,33 @@ def _worker() -> dict:
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
   def replicas_identical(tree):
-    return all(all(np.asarray(x)[i].tobytes() == np.asarray(x)[0].tobytes()
-                   for i in range(DEVICES)) for x in jax.tree.leaves(tree))
+    return all(
+      all(np.asarray(x)[i].tobytes() == np.asarray(x)[0].tobytes() for i in range(DEVICES))
+      for x in jax.tree.leaves(tree)
+    )
 
   def pmapped(loss, opt, params, batch, dtype):
     step = jax.pmap(sam_optax.sam_step(loss, opt, axis_name="d", donate=False), axis_name="d")
     p, s = sam_optax.replicate((params, opt.init(params)))
     p1, s1, m = step(p, s, sam_optax.shard_batch(batch))
-    def host(tree):   # replica 0, as JSON-able Python numbers
-      return jax.tree.map(lambda x: np.asarray(x)[0].astype(
-          np.float64 if np.asarray(x).dtype.kind == "f" else np.asarray(x).dtype).tolist(), tree)
-    return {"identical": replicas_identical((p1, s1, m)),
-            "params": host(p1)["w"], "metrics": host(m),
-            "state_unchanged": bits(jax.tree.map(lambda x: np.asarray(x)[0], s1))
-            == bits(jax.tree.map(lambda x: np.asarray(x)[0], s))}
+
+    def host(tree):  # replica 0, as JSON-able Python numbers
+      return jax.tree.map(
+        lambda x: (
+          np.asarray(x)[0]
+          .astype(np.float64 if np.asarray(x).dtype.kind == "f" else np.asarray(x).dtype)
+          .tolist()
+        ),
+        tree,
+      )
+
+    return {
+      "identical": replicas_identical((p1, s1, m)),
+      "params": host(p1)["w"],
+      "metrics": host(m),
+      "state_unchanged": bits(jax.tree.map(lambda x: np.asarray(x)[0], s1))
+      == bits(jax.tree.map(lambda x: np.asarray(x)[0], s)),
+    }
 
   out = {}
   for dtype in ("float32", "bfloat16", "float16"):
@@ -461,29 +522,43 @@ def _worker() -> dict:
     x = np.ones((8, 3), np.float32)
     x[5, 1] = np.nan
     mse = lambda p, b: jnp.mean((b @ p["w"].astype(jnp.float32) - 1.0) ** 2)
-    out[f"nan_shard/{dtype}"] = pmapped(mse, sam_optax.unified_sam(optax.sgd(0.1), rho=0.05),
-                                        w, x, dtype)
+    out[f"nan_shard/{dtype}"] = pmapped(
+      mse, sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), w, x, dtype
+    )
     out[f"nan_shard_if_finite/{dtype}"] = pmapped(
-        mse, optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), 3), w, x, dtype)
+      mse, optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), 3), w, x, dtype
+    )
     # (b) SAM-SPS whose perturbed point leaves the domain through shard 2 only: the
     # clean gradient of w[1] is -1 after the average, so USAM with ρ = 1 puts e[1] at 0
     # and ∇f(e)[1] = -inf on every replica after the average; γ_t = 0, nobody moves.
     weights = np.ones((8, 3), np.float32)
     weights[:, 1] = 0.0
-    weights[4:6, 1] = 4.0    # shard 2 of 4 (2 examples per shard)
+    weights[4:6, 1] = 4.0  # shard 2 of 4 (2 examples per shard)
+
     def neg_log(p, b):
       logs = jnp.log(p["w"].astype(jnp.float32))
       return -jnp.mean(jnp.sum(jnp.where(b > 0, b * logs, 0.0), -1))
+
     out[f"inf_perturbed_shard_sps/{dtype}"] = pmapped(
-        neg_log, sam_optax.sam_sps(rho=1.0, lambd=0.0, weight_decay=5e-4),
-        {"w": jnp.array([0.5, 1.0, 2.0], dtype)}, weights, dtype)
+      neg_log,
+      sam_optax.sam_sps(rho=1.0, lambd=0.0, weight_decay=5e-4),
+      {"w": jnp.array([0.5, 1.0, 2.0], dtype)},
+      weights,
+      dtype,
+    )
     # (c) Loss scaling: one shard's scaled gradient overflows; every replica skips.
     big = np.ones((8, 3), np.float32)
     big[1] = [1e3, 1.0, 1.0]
     lin = lambda p, b: jnp.mean(b @ p["w"].astype(jnp.float32))
     out[f"loss_scale_overflow_shard/{dtype}"] = pmapped(
-        lin, sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.05),
-                                          init_scale=2.0 ** 15), w, big, dtype)
+      lin,
+      sam_optax.dynamic_loss_scale(
+        sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), init_scale=2.0**15
+      ),
+      w,
+      big,
+      dtype,
+    )
   return out
 
 
@@ -494,8 +569,9 @@ def devices():
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -504,10 +580,10 @@ def devices():
 def test_nan_in_one_shard_is_handled_identically_on_every_replica(devices, dtype_name):
   got = devices[f"nan_shard/{dtype_name}"]
   assert got["identical"]
-  assert all(np.isnan(got["params"]))            # the NaN reached every replica alike
+  assert all(np.isnan(got["params"]))  # the NaN reached every replica alike
   got = devices[f"nan_shard_if_finite/{dtype_name}"]
   assert got["identical"]
-  assert got["params"] == [0.5, 1.0, 2.0]         # apply_if_finite skipped it everywhere
+  assert got["params"] == [0.5, 1.0, 2.0]  # apply_if_finite skipped it everywhere
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
@@ -524,15 +600,16 @@ def test_loss_scale_overflow_in_one_shard_skips_on_every_replica(devices, dtype_
   got = devices[f"loss_scale_overflow_shard/{dtype_name}"]
   assert got["identical"]
   skipped = got["metrics"]["skipped"]
-  if dtype_name == "float16":   # 1e3·2^15/8 overflows float16 only
-    assert skipped and got["metrics"]["loss_scale"] == 2.0 ** 14
+  if dtype_name == "float16":  # 1e3·2^15/8 overflows float16 only
+    assert skipped and got["metrics"]["loss_scale"] == 2.0**14
     assert got["params"] == [0.5, 1.0, 2.0]
   else:
-    assert not skipped and got["metrics"]["loss_scale"] == 2.0 ** 15
+    assert not skipped and got["metrics"]["loss_scale"] == 2.0**15
 
 
 if __name__ == "__main__":
-  if os.environ.get("SAM_OPTAX_MODULE"):   # e.g. an old copy of the package, for "before" values
+  if os.environ.get("SAM_OPTAX_MODULE"):  # e.g. an old copy of the package, for "before" values
     import importlib
+
     sam_optax = importlib.import_module(os.environ["SAM_OPTAX_MODULE"])
   print(json.dumps(_worker()))

@@ -27,15 +27,17 @@ def make_problem(batch_size=32, steps=3, seed=0):
   """Float32 parameters, statistics and `steps` global batches, as NumPy arrays."""
   rng = np.random.default_rng(seed)
   params = {
-      "w": rng.normal(size=(6, 8)).astype(np.float32),
-      "b": (0.1 * rng.normal(size=8)).astype(np.float32),
-      "v": rng.normal(size=8).astype(np.float32),
+    "w": rng.normal(size=(6, 8)).astype(np.float32),
+    "b": (0.1 * rng.normal(size=8)).astype(np.float32),
+    "v": rng.normal(size=8).astype(np.float32),
   }
   stats = np.zeros(8, np.float32)
   batches = [
-      {"x": rng.normal(size=(batch_size, 6)).astype(np.float32),
-       "y": rng.normal(size=batch_size).astype(np.float32)}
-      for _ in range(steps)
+    {
+      "x": rng.normal(size=(batch_size, 6)).astype(np.float32),
+      "y": rng.normal(size=batch_size).astype(np.float32),
+    }
+    for _ in range(steps)
   ]
   return params, stats, batches
 
@@ -61,7 +63,7 @@ def hand_msharpness(params, stats, batches, shards, rho, lambd, eps=1e-12):
     perturbed_grads, new_stats, norms = [], [], []
     for part in parts:
       g = grad(x, part, stats)
-      norm = jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(g)))
+      norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
       norms.append(norm)
       coef = rho * (1.0 - lambd + lambd / (norm + eps))
       e = jax.tree.map(lambda xi, gi: xi + coef * gi, x, g)
@@ -84,9 +86,9 @@ def hand_msharpness(params, stats, batches, shards, rho, lambd, eps=1e-12):
 def max_rel_error(a, b):
   """max over leaves of max|a - b| / max(1, max|b|)."""
   errors = [
-      float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-      / max(1.0, float(np.max(np.abs(np.asarray(y, np.float64)))))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    / max(1.0, float(np.max(np.abs(np.asarray(y, np.float64)))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   ]
   return max(errors)
 
@@ -122,7 +124,7 @@ def test_groups_equal_hand_written_m_sharpness_and_differ_from_sync():
 
   synced = sam_optax.sam_step(loss_fn, opt, has_aux=True, donate=False)
   sync = run_steps(synced, params, opt.init(params), stats, batches)
-  assert max_rel_error(sync[-1][0], got[-1][0]) > 1e-3   # m-sharpness is another algorithm
+  assert max_rel_error(sync[-1][0], got[-1][0]) > 1e-3  # m-sharpness is another algorithm
   # ... and the hand reference with one shard is the synced step.
   one_shard = hand_msharpness(params, stats, batches, shards=1, rho=rho, lambd=lambd)
   assert max_rel_error(sync[-1], one_shard[-1][:2]) < 1e-5
@@ -145,8 +147,8 @@ def test_axis_name_under_vmap_averages_floating_metrics_and_keeps_flags():
   step = sam_optax.sam_step(loss_fn, opt, has_aux=True, axis_name="b", jit=False)
   split = sam_optax.shard_batch(batches[0], num_devices=4)
   _, _, metrics, new_stats = jax.vmap(
-      step, in_axes=(None, None, 0, None), out_axes=None, axis_name="b")(
-          params, opt.init(params), split, stats)
+    step, in_axes=(None, None, 0, None), out_axes=None, axis_name="b"
+  )(params, opt.init(params), split, stats)
   assert metrics["skipped"].dtype == jnp.bool_ and not bool(metrics["skipped"])
   assert float(metrics["loss_scale"]) == 2.0**15
   np.testing.assert_allclose(metrics["loss"], loss_fn(params, batches[0], stats)[0], rtol=1e-6)
@@ -186,16 +188,19 @@ def test_unknown_axis_name_inside_vmap_names_both():
   stacked = jax.tree.map(lambda a: a.reshape(2, 15, *a.shape[1:]), batch)
   with pytest.raises(ValueError, match=r"binds the axis 'batch'.*names must match"):
     jax.vmap(step, in_axes=(None, None, 0, None), axis_name="devices")(
-        params, state, stacked, stats)
+      params, state, stacked, stats
+    )
 
 
 @pytest.mark.parametrize(
-    "opt, message",
-    [
-        (sam_optax.sam_sps(rho=0.1), r"not supported with the Polyak step size \(sam_sps\)"),
-        (sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)),
-         r"not supported with dynamic_loss_scale"),
-    ],
+  "opt, message",
+  [
+    (sam_optax.sam_sps(rho=0.1), r"not supported with the Polyak step size \(sam_sps\)"),
+    (
+      sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)),
+      r"not supported with dynamic_loss_scale",
+    ),
+  ],
 )
 def test_local_ascent_rejects_what_would_split_the_replicas(opt, message):
   params, _, _, stats, batch = _fresh()
@@ -205,16 +210,16 @@ def test_local_ascent_rejects_what_would_split_the_replicas(opt, message):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(groups=0, ascent="local"), r"`groups` must be a positive int"),
-        (dict(groups=True, ascent="local"), r"`groups` must be a positive int"),
-        (dict(groups=2.0, ascent="local"), r"`groups` must be a positive int"),
-        (dict(groups=4), r"`groups` .* needs ascent='local'"),
-        (dict(ascent="local"), r"needs an `axis_name` .* or `groups=m`"),
-        (dict(ascent="per-device", axis_name="b"), r"`ascent` must be one of"),
-        (dict(axis_name=0), r"`axis_name` must be a string"),
-    ],
+  "kwargs, message",
+  [
+    (dict(groups=0, ascent="local"), r"`groups` must be a positive int"),
+    (dict(groups=True, ascent="local"), r"`groups` must be a positive int"),
+    (dict(groups=2.0, ascent="local"), r"`groups` must be a positive int"),
+    (dict(groups=4), r"`groups` .* needs ascent='local'"),
+    (dict(ascent="local"), r"needs an `axis_name` .* or `groups=m`"),
+    (dict(ascent="per-device", axis_name="b"), r"`ascent` must be one of"),
+    (dict(axis_name=0), r"`axis_name` must be a string"),
+  ],
 )
 def test_bad_arguments_at_construction(kwargs, message):
   opt = sam_optax.unified_sam(optax.sgd(0.1), rho=0.1)
@@ -254,25 +259,36 @@ def test_shard_batch_replicate_unreplicate_on_one_device():
 
 def test_local_ascent_rejects_variants_whose_descent_uses_the_clean_gradient():
   import optax
+
   import sam_optax as so
+
   params = {"w": jnp.ones((3,))}
   batch = jnp.ones((4, 3))
   loss = lambda p, b: jnp.mean((b @ p["w"]) ** 2)
   base = so.unified_sam(optax.sgd(0.1), 0.05)
-  for opt, name in [(so.gsam(base, 0.1), "gsam"), (so.interval_sam(base, 2), "interval_sam"),
-                    (so.looksam(base, 2, 0.5), "looksam")]:
+  for opt, name in [
+    (so.gsam(base, 0.1), "gsam"),
+    (so.interval_sam(base, 2), "interval_sam"),
+    (so.looksam(base, 2, 0.5), "looksam"),
+  ]:
     with pytest.raises(ValueError, match=f"not supported with .*{name}"):
-      so.sam_step(loss, opt, ascent="local", groups=2, donate=False)(params, opt.init(params), batch)
+      so.sam_step(loss, opt, ascent="local", groups=2, donate=False)(
+        params, opt.init(params), batch
+      )
 
 
 def test_groups_reject_non_floating_aux_clearly():
   import optax
+
   import sam_optax as so
+
   params = {"w": jnp.ones((3,))}
   opt = so.unified_sam(optax.sgd(0.1), 0.05)
+
   def loss(p, b):
     out = b @ p["w"]
-    return jnp.mean(out ** 2), {"correct": jnp.sum(out > 0), "mean": jnp.mean(out)}
+    return jnp.mean(out**2), {"correct": jnp.sum(out > 0), "mean": jnp.mean(out)}
+
   step = so.sam_step(loss, opt, has_aux=True, ascent="local", groups=2, donate=False)
   with pytest.raises(TypeError, match=r"aux\['correct'\] has dtype int32"):
     step(params, opt.init(params), jnp.ones((4, 3)))

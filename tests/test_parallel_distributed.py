@@ -24,7 +24,8 @@ STEPS, GLOBAL_BATCH = 4, 32
 
 def _load_train():
   spec = importlib.util.spec_from_file_location(
-      "distributed_train", ROOT / "examples" / "distributed" / "train.py")
+    "distributed_train", ROOT / "examples" / "distributed" / "train.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -40,12 +41,32 @@ def _env():
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
   out = tmp_path / "two.npz"
   proc = subprocess.run(
-      [sys.executable, "-m", "examples.distributed.launch", "--num-processes", "2",
-       "--timeout", "150", "--", "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
-       "--local-devices", "2", "--out", str(out)],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    [
+      sys.executable,
+      "-m",
+      "examples.distributed.launch",
+      "--num-processes",
+      "2",
+      "--timeout",
+      "150",
+      "--",
+      "--steps",
+      str(STEPS),
+      "--global-batch",
+      str(GLOBAL_BATCH),
+      "--local-devices",
+      "2",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=180,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  for pid in (0, 1):   # each process checked its own devices and the other process
+  for pid in (0, 1):  # each process checked its own devices and the other process
     assert f"[process {pid}/2] done: {STEPS} steps" in proc.stdout
     assert "replicas identical" in proc.stdout
 
@@ -66,7 +87,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
   got = np.load(out)
   np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
-  assert len(set(np.round(losses, 4))) == STEPS   # the loss moves: the run is not trivial
+  assert len(set(np.round(losses, 4))) == STEPS  # the loss moves: the run is not trivial
   for name, value in params.items():
     np.testing.assert_allclose(got[name], np.asarray(value), rtol=1e-5, atol=1e-6)
 
@@ -77,13 +98,33 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 def test_when_a_process_dies_the_other_exits_with_a_clear_error(victim):
   port = _free_port()
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "examples.distributed.train", "--coordinator",
-           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-           "--steps", "100000", "--global-batch", "8", "--heartbeat-timeout", "3",
-           "--timeout", "60"],
-          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "examples.distributed.train",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+        "--steps",
+        "100000",
+        "--global-batch",
+        "8",
+        "--heartbeat-timeout",
+        "3",
+        "--timeout",
+        "60",
+      ],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   logs = [[], []]
   running = threading.Event()
@@ -112,13 +153,14 @@ def test_when_a_process_dies_the_other_exits_with_a_clear_error(victim):
   readers[1 - victim].join(timeout=10)
   log = "".join(logs[1 - victim])
   assert rc != 0
-  assert elapsed < 30, elapsed   # bounded by the heartbeat timeout (3 s) plus shutdown
+  assert elapsed < 30, elapsed  # bounded by the heartbeat timeout (3 s) plus shutdown
   assert re.search(r"another task died|heartbeat timeout|(reset|closed) by peer", log), log[-3000:]
-  assert "replicas identical" not in log   # it did not claim to have finished
+  assert "replicas identical" not in log  # it did not claim to have finished
 
 
 def _free_port():
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -142,14 +142,18 @@ def test_mixed_dtype_pytree():
   g = {"h": jnp.array([1.0, 2.0], jnp.bfloat16), "f": jnp.array([2.0], jnp.float32)}
   delta, _ = _delta(0.3, 1.0, grads=g, params=g)
   assert delta["h"].dtype == jnp.bfloat16 and delta["f"].dtype == jnp.float32
-  np.testing.assert_allclose(_flat(delta), 0.3 * np.array([2, 1, 2]) / 3.0, rtol=1e-2)  # leaves f, h
+  np.testing.assert_allclose(
+    _flat(delta), 0.3 * np.array([2, 1, 2]) / 3.0, rtol=1e-2
+  )  # leaves f, h
 
 
 def test_float64(x64):
   g = {"w": jnp.array([3.0, 4.0], jnp.float64)}
   delta, state = _delta(0.1, 0.5, grads=g, params=g)
   assert delta["w"].dtype == jnp.float64
-  np.testing.assert_allclose(np.asarray(delta["w"]), 0.1 * (0.5 + 0.5 / (5.0 + 1e-12)) * np.array([3.0, 4.0]), rtol=1e-15)
+  np.testing.assert_allclose(
+    np.asarray(delta["w"]), 0.1 * (0.5 + 0.5 / (5.0 + 1e-12)) * np.array([3.0, 4.0]), rtol=1e-15
+  )
 
 
 def test_traced_hyperparameters_with_inject_hyperparams():
@@ -172,18 +176,18 @@ def test_jit_and_state_is_int32_count():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(rho=-0.1), "`rho` must be >= 0"),
-        (dict(rho=float("nan")), "`rho` must be finite"),
-        (dict(rho="big"), "`rho` must be a number"),
-        (dict(lambd=1.5), "`lambd` must be <= 1"),
-        (dict(lambd=-0.1), "`lambd` must be >= 0"),
-        (dict(lambd="1/t^2"), r"`lambd` must be a float in \[0, 1\].*'1/t', '1-1/t'"),
-        (dict(norm="l1"), r"`norm` must be one of \('l2', 'linf'\)"),
-        (dict(eps=0.0), "`eps` must be > 0"),
-        (dict(adaptive=True, eta=-1.0), "`eta` must be >= 0"),
-    ],
+  "kwargs, match",
+  [
+    (dict(rho=-0.1), "`rho` must be >= 0"),
+    (dict(rho=float("nan")), "`rho` must be finite"),
+    (dict(rho="big"), "`rho` must be a number"),
+    (dict(lambd=1.5), "`lambd` must be <= 1"),
+    (dict(lambd=-0.1), "`lambd` must be >= 0"),
+    (dict(lambd="1/t^2"), r"`lambd` must be a float in \[0, 1\].*'1/t', '1-1/t'"),
+    (dict(norm="l1"), r"`norm` must be one of \('l2', 'linf'\)"),
+    (dict(eps=0.0), "`eps` must be > 0"),
+    (dict(adaptive=True, eta=-1.0), "`eta` must be >= 0"),
+  ],
 )
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):

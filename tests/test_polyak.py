@@ -9,8 +9,8 @@ import pytest
 import sam_optax
 
 X = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
-G = {"w": jnp.array([0.6, -0.8]), "b": jnp.array(0.0)}   # ‖G‖² = 1
-D = {"w": jnp.array([0.1, 0.2]), "b": jnp.array(0.3)}    # <G, D> = 0.06 - 0.16 = -0.1
+G = {"w": jnp.array([0.6, -0.8]), "b": jnp.array(0.0)}  # ‖G‖² = 1
+D = {"w": jnp.array([0.1, 0.2]), "b": jnp.array(0.3)}  # <G, D> = 0.06 - 0.16 = -0.1
 
 
 def _step(value, f_star=0.0, gamma_b=10.0, weight_decay=0.0, perturbation=D, grads=G):
@@ -46,7 +46,7 @@ def test_nan_ratio_gives_zero_and_no_nan_update():
 def test_zero_gradient_is_finite():
   zeros = jax.tree.map(jnp.zeros_like, G)
   u, s = _step(1.0, grads=zeros, gamma_b=3.0)
-  assert float(s.step_size) == 3.0   # ratio 1/eps, capped
+  assert float(s.step_size) == 3.0  # ratio 1/eps, capped
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
 
 
@@ -55,7 +55,9 @@ def test_weight_decay_only_in_update_not_in_ratio():
   u, s = _step(0.4, weight_decay=wd)
   gamma = (0.4 + 0.1) / 1.0
   assert float(s.step_size) == pytest.approx(gamma, rel=1e-6)
-  np.testing.assert_allclose(u["w"], -gamma * (np.array([0.6, -0.8]) + wd * np.array([1.0, -2.0])), rtol=1e-6)
+  np.testing.assert_allclose(
+    u["w"], -gamma * (np.array([0.6, -0.8]) + wd * np.array([1.0, -2.0])), rtol=1e-6
+  )
   np.testing.assert_allclose(u["b"], -gamma * wd * 0.5, rtol=1e-6)
 
 
@@ -95,14 +97,14 @@ def test_low_precision_leaves_reduce_in_float32():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(gamma_b=0.0), "`gamma_b` must be > 0"),
-        (dict(gamma_b=-1.0), "`gamma_b` must be > 0"),
-        (dict(weight_decay=-1e-4), "`weight_decay` must be >= 0"),
-        (dict(f_star=float("inf")), "`f_star` must be finite"),
-        (dict(eps=-1.0), "`eps` must be > 0"),
-    ],
+  "kwargs, match",
+  [
+    (dict(gamma_b=0.0), "`gamma_b` must be > 0"),
+    (dict(gamma_b=-1.0), "`gamma_b` must be > 0"),
+    (dict(weight_decay=-1e-4), "`weight_decay` must be >= 0"),
+    (dict(f_star=float("inf")), "`f_star` must be finite"),
+    (dict(eps=-1.0), "`eps` must be > 0"),
+  ],
 )
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):

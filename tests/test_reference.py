@@ -54,22 +54,28 @@ _HYPERPARAMS = ("rho", "lambd", "lr", "momentum", "weight_decay", "f_star", "gam
 
 def _hyperparams(case):
   """The case's numeric hyperparameters, passed as traced values (one compile per kind)."""
-  return {k: jnp.asarray(case[k], jnp.float64) for k in _HYPERPARAMS
-          if case[k] is not None and not isinstance(case[k], str)}
+  return {
+    k: jnp.asarray(case[k], jnp.float64)
+    for k in _HYPERPARAMS
+    if case[k] is not None and not isinstance(case[k], str)
+  }
 
 
 def _optimizer(kind, lambd_string, hp):
   lambd = lambd_string if lambd_string is not None else hp["lambd"]
   if kind == "unified_sam":
     base = optax.chain(
-        optax.add_decayed_weights(hp["weight_decay"]),
-        optax.trace(decay=hp["momentum"]),
-        optax.scale(-hp["lr"]),
+      optax.add_decayed_weights(hp["weight_decay"]),
+      optax.trace(decay=hp["momentum"]),
+      optax.scale(-hp["lr"]),
     )
     return sam_optax.unified_sam(base, rho=hp["rho"], lambd=lambd)
   return sam_optax.sam_sps(
-      rho=hp["rho"], lambd=lambd, f_star=hp["f_star"], gamma_b=hp["gamma_b"],
-      weight_decay=hp["weight_decay"],
+    rho=hp["rho"],
+    lambd=lambd,
+    f_star=hp["f_star"],
+    gamma_b=hp["gamma_b"],
+    weight_decay=hp["weight_decay"],
   )
 
 
@@ -118,7 +124,9 @@ SPS = [c for c in CASES if c["optimizer"] == "sam_sps"]
 
 
 def test_fixture_coverage():
-  modes = {(c["problem"], str(c["lambd"]), c["momentum"] > 0, c["weight_decay"] > 0) for c in UNIFIED}
+  modes = {
+    (c["problem"], str(c["lambd"]), c["momentum"] > 0, c["weight_decay"] > 0) for c in UNIFIED
+  }
   for problem in ("lsq", "mlp"):
     for lambd in ("0.0", "0.5", "1.0", "1/t", "1-1/t"):
       assert (problem, lambd, False, False) in modes and (problem, lambd, True, True) in modes
@@ -126,7 +134,11 @@ def test_fixture_coverage():
   assert {"clipped", "unclipped", "plus"} <= regimes
   for c in SPS:
     counts = c["regime_counts_reference"]
-    assert {"clipped": counts["clipped"], "unclipped": counts["interior"], "plus": counts["zero"]}.get(c["regime"], 1) > 0
+    assert {
+      "clipped": counts["clipped"],
+      "unclipped": counts["interior"],
+      "plus": counts["zero"],
+    }.get(c["regime"], 1) > 0
 
 
 @pytest.mark.parametrize("case", UNIFIED, ids=_ids(UNIFIED))
@@ -134,9 +146,13 @@ def test_unified_sam_free_running_trajectory(case, x64):
   z, data = _load(case)
   traj, metrics = _trajectory(case, _row(z, 0), data)
   for k in traj:
-    np.testing.assert_allclose(np.asarray(traj[k]), z[f"traj__{k}"][1:], rtol=0, atol=1e-10, err_msg=k)
+    np.testing.assert_allclose(
+      np.asarray(traj[k]), z[f"traj__{k}"][1:], rtol=0, atol=1e-10, err_msg=k
+    )
   np.testing.assert_allclose(np.asarray(metrics["loss"]), z["loss"], rtol=1e-10, atol=1e-12)
-  np.testing.assert_allclose(np.asarray(metrics["perturbed_loss"]), z["perturbed_loss"], rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(
+    np.asarray(metrics["perturbed_loss"]), z["perturbed_loss"], rtol=1e-10, atol=1e-12
+  )
   np.testing.assert_allclose(np.asarray(metrics["grad_norm"]), z["grad_norm"], rtol=1e-10)
 
 
@@ -146,9 +162,15 @@ def test_sam_sps_free_running_matches_float64_reference(case, x64):
   z, data = _load(case)
   traj, metrics = _trajectory(case, _row(z, 0), data)
   for k in traj:
-    np.testing.assert_allclose(np.asarray(traj[k]), z[f"f64__traj__{k}"][1:], rtol=0, atol=1e-10, err_msg=k)
-  np.testing.assert_allclose(np.asarray(metrics["step_size"]), z["f64__gamma"], rtol=1e-8, atol=1e-12)
-  np.testing.assert_allclose(np.asarray(metrics["perturbed_loss"]), z["f64__perturbed_loss"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+      np.asarray(traj[k]), z[f"f64__traj__{k}"][1:], rtol=0, atol=1e-10, err_msg=k
+    )
+  np.testing.assert_allclose(
+    np.asarray(metrics["step_size"]), z["f64__gamma"], rtol=1e-8, atol=1e-12
+  )
+  np.testing.assert_allclose(
+    np.asarray(metrics["perturbed_loss"]), z["f64__perturbed_loss"], rtol=1e-9, atol=1e-12
+  )
 
 
 @pytest.mark.parametrize("case", SPS, ids=_ids(SPS))
@@ -163,7 +185,9 @@ def test_sam_sps_per_step_matches_torch_reference(case, x64):
   nxt, gamma = _one_step_each(*_static(case), _hyperparams(case), xs, data)
   np.testing.assert_allclose(np.asarray(gamma), z["gamma"], rtol=0, atol=1e-6)
   for k in nxt:
-    np.testing.assert_allclose(np.asarray(nxt[k]), z[f"traj__{k}"][1:], rtol=0, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(
+      np.asarray(nxt[k]), z[f"traj__{k}"][1:], rtol=0, atol=1e-6, err_msg=k
+    )
   regime = {"c": case["gamma_b"], "z": 0.0}
   for t, kind in enumerate(case["regime_counts_reference"]["per_step"]):
     if kind in regime:

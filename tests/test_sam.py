@@ -85,7 +85,7 @@ def test_lambda_one_matches_optax_contrib_sam():
   rho, lr = 0.05, 0.1
   ours, _, _ = run(sam_optax.unified_sam(optax.sgd(lr), rho=rho, lambd=1.0), steps=4)
   contrib = optax.contrib.sam(
-      optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(rho)), opaque_mode=True
+    optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(rho)), opaque_mode=True
   )
   p, s = PARAMS, contrib.init(PARAMS)
   for _ in range(4):
@@ -114,7 +114,9 @@ def test_sam_step_metrics():
   # the reported clean loss and gradient norm are those at the step's starting point
   p1 = run(opt, steps=1)[0]
   assert float(m["loss"]) == pytest.approx(float(loss_fn(p1, BATCH)), rel=1e-6)
-  assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(jax.grad(loss_fn)(p1, BATCH))), rel=1e-5)
+  assert float(m["grad_norm"]) == pytest.approx(
+    float(optax.tree.norm(jax.grad(loss_fn)(p1, BATCH))), rel=1e-5
+  )
 
 
 def test_sam_sps_step_size_reported_and_matches_formula():
@@ -127,7 +129,9 @@ def test_sam_sps_step_size_reported_and_matches_formula():
   inner = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(ge), jax.tree.leaves(delta)))
   gamma = min(max(float((fe - inner) / optax.tree.norm(ge) ** 2), 0.0), 5.0)
   assert float(hist[0]["step_size"]) == pytest.approx(gamma, rel=1e-5)
-  assert float(sam_optax.find_state(state, sam_optax.PolyakStepSizeState).step_size) == pytest.approx(gamma, rel=1e-5)
+  assert float(
+    sam_optax.find_state(state, sam_optax.PolyakStepSizeState).step_size
+  ) == pytest.approx(gamma, rel=1e-5)
   assert_trees_close(params, jax.tree.map(lambda x, gi: x - gamma * gi, PARAMS, ge), rtol=1e-5)
 
 
@@ -156,7 +160,9 @@ def test_inject_hyperparams_traced_rho_and_lambda():
   state.hyperparams["rho"] = jnp.asarray(0.0)
   p, state, m = step(PARAMS, state, BATCH)
   assert float(m["rho"]) == 0.0 and float(m["sharpness"]) == 0.0
-  plain = optax.apply_updates(PARAMS, jax.tree.map(lambda g: -0.1 * g, jax.grad(loss_fn)(PARAMS, BATCH)))
+  plain = optax.apply_updates(
+    PARAMS, jax.tree.map(lambda g: -0.1 * g, jax.grad(loss_fn)(PARAMS, BATCH))
+  )
   assert_trees_close(p, plain)
 
 
@@ -165,7 +171,9 @@ def test_schedule_learning_rate_and_chain_base():
   params, _, _ = run(sam_optax.unified_sam(base, 0.05, 1.0), steps=2)
   ref = hand_written_sam(base, 0.05, 1.0, steps=2)
   assert_trees_close(params, ref)
-  step1 = jax.tree.map(lambda a, b: a - b, run(sam_optax.unified_sam(base, 0.05, 1.0), steps=1)[0], PARAMS)
+  step1 = jax.tree.map(
+    lambda a, b: a - b, run(sam_optax.unified_sam(base, 0.05, 1.0), steps=1)[0], PARAMS
+  )
   assert float(optax.tree.norm(step1)) == pytest.approx(0.1 * 0.01, rel=1e-4)  # clipped at x
 
 
@@ -183,7 +191,9 @@ def test_multisteps_base_accumulates_perturbed_gradients():
 
 
 def test_partitioned_base_optimizer():
-  base = optax.multi_transform({"train": optax.sgd(0.1), "frozen": optax.set_to_zero()}, {"w": "train", "b": "frozen"})
+  base = optax.multi_transform(
+    {"train": optax.sgd(0.1), "frozen": optax.set_to_zero()}, {"w": "train", "b": "frozen"}
+  )
   params, _, _ = run(sam_optax.unified_sam(base, 0.05, "1-1/t"), steps=3)
   assert float(params["b"]) == float(PARAMS["b"])
   assert not np.allclose(params["w"], PARAMS["w"])
@@ -192,10 +202,12 @@ def test_partitioned_base_optimizer():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_dtypes_preserved_through_sam_step(dtype):
   params = {"w": PARAMS["w"].astype(dtype), "b": PARAMS["b"].astype(jnp.float32)}  # mixed pytree
+
   def loss(p, batch):
     a, y = batch
     pred = jnp.tanh(a.astype(dtype) @ p["w"]).astype(jnp.float32) + p["b"]
     return 0.5 * jnp.mean((pred - y) ** 2)
+
   for opt in [sam_optax.unified_sam(optax.sgd(0.1, 0.9), 0.05, "1-1/t"), sam_optax.sam_sps(0.05)]:
     p, state, hist = run(opt, steps=3, params=params, loss=loss)
     assert p["w"].dtype == dtype and p["b"].dtype == jnp.float32
@@ -213,7 +225,11 @@ def test_float64_params(x64):
 
 @pytest.mark.parametrize("name", ["unified_sam", "sam_sps"])
 def test_zero_gradient_loss_gives_finite_steps(name):
-  opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05, 1.0) if name == "unified_sam" else sam_optax.sam_sps(0.05)
+  opt = (
+    sam_optax.unified_sam(optax.sgd(0.1), 0.05, 1.0)
+    if name == "unified_sam"
+    else sam_optax.sam_sps(0.05)
+  )
   flat = lambda p, batch: jnp.asarray(1.0) + 0.0 * p["b"]
   p, state, hist = run(opt, steps=2, loss=flat)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((p, state, hist)))
@@ -280,7 +296,7 @@ def test_each_pass_traces_the_loss_once_and_no_recompilation():
     p, s = PARAMS, opt.init(PARAMS)
     for _ in range(4):
       p, s, _ = step(p, s, BATCH)
-    assert len(calls) == 2          # one clean and one perturbed forward+backward, traced once
+    assert len(calls) == 2  # one clean and one perturbed forward+backward, traced once
     assert step._cache_size() == 1  # no recompilation across steps
 
 
@@ -293,7 +309,8 @@ def test_donated_state_with_loss_scale_and_asam_mask_passthrough():
   kernels = {"w": True, "b": False}
   masked = sam_optax.unified_sam(optax.sgd(0.1), 0.5, 1.0, adaptive=True, mask=kernels)
   composed = sam_optax.sharpness_aware(
-      sam_optax.unified_perturbation(0.5, 1.0, adaptive=True, mask=kernels), optax.sgd(0.1))
+    sam_optax.unified_perturbation(0.5, 1.0, adaptive=True, mask=kernels), optax.sgd(0.1)
+  )
   assert_trees_equal(run(masked, steps=2)[0], run(composed, steps=2)[0])
   with pytest.raises(ValueError, match="needs adaptive=True"):
     sam_optax.sam_sps(mask=kernels)

@@ -27,12 +27,17 @@ from sam_optax import sharpness
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Compiled once per loss, shapes and static options (the suite runs on 2 shared cores:
 # one compilation is much cheaper than op-by-op dispatch of many small ops).
-EIG = jax.jit(sharpness.top_hessian_eigenvalue, static_argnums=0,
-              static_argnames=("num_iters", "has_aux"))
-TRACE = jax.jit(sharpness.hessian_trace, static_argnums=0,
-                static_argnames=("num_samples", "has_aux"))
-BALL = jax.jit(sharpness.worst_case_sharpness, static_argnums=0,
-               static_argnames=("num_steps", "adaptive", "groups", "has_aux"))
+EIG = jax.jit(
+  sharpness.top_hessian_eigenvalue, static_argnums=0, static_argnames=("num_iters", "has_aux")
+)
+TRACE = jax.jit(
+  sharpness.hessian_trace, static_argnums=0, static_argnames=("num_samples", "has_aux")
+)
+BALL = jax.jit(
+  sharpness.worst_case_sharpness,
+  static_argnums=0,
+  static_argnames=("num_steps", "adaptive", "groups", "has_aux"),
+)
 SPECTRUM = np.array([10.0, 6.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1])  # 8 = 3 + 4 + 1 parameters
 N = 32  # examples: divisible by 2 and 4 (groups, devices)
 
@@ -40,9 +45,9 @@ N = 32  # examples: divisible by 2 and 4 (groups, devices)
 def make_params(dtype=jnp.float32, seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "a": jnp.asarray(rng.normal(size=3), dtype),
-      "b": jnp.asarray(rng.normal(size=(2, 2)), dtype),
-      "c": jnp.asarray(rng.normal(), dtype),
+    "a": jnp.asarray(rng.normal(size=3), dtype),
+    "b": jnp.asarray(rng.normal(size=(2, 2)), dtype),
+    "c": jnp.asarray(rng.normal(), dtype),
   }
 
 
@@ -101,8 +106,7 @@ def test_top_eigenvalue_of_a_known_spectrum():
   assert lam.dtype == jnp.float32 and lam.shape == ()
   assert abs(float(lam) - 10.0) / 10.0 < 1e-3
   # Independent of the point (a quadratic) and of a rescaled loss: λ scales with it.
-  lam2 = EIG(
-      lambda p, b: 3.0 * loss_fn(p, b), make_params(seed=5), batch)
+  lam2 = EIG(lambda p, b: 3.0 * loss_fn(p, b), make_params(seed=5), batch)
   assert abs(float(lam2) - 30.0) / 30.0 < 1e-3
 
 
@@ -116,8 +120,8 @@ def test_top_eigenvalue_float64(x64):
 def test_top_eigenvalue_bfloat16_params_report_float32():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params())
   lam = EIG(
-      lambda p, b: loss_fn(jax.tree.map(lambda x: x.astype(jnp.float32), p), b), params,
-      make_batch())
+    lambda p, b: loss_fn(jax.tree.map(lambda x: x.astype(jnp.float32), p), b), params, make_batch()
+  )
   assert lam.dtype == jnp.float32
   assert abs(float(lam) - 10.0) / 10.0 < 2e-2  # bfloat16 tangents: about 3 digits
 
@@ -129,8 +133,12 @@ def test_tolerance_stops_at_the_first_small_relative_change():
   spectrum = np.array([1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
   params, batch, key = make_params(), make_batch(spectrum), jax.random.key(2)
   leaves, treedef = jax.tree.flatten(params)
-  v0 = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
-                          for k, x in zip(jax.random.split(key, len(leaves)), leaves)])
+  v0 = treedef.unflatten(
+    [
+      jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(jax.random.split(key, len(leaves)), leaves)
+    ]
+  )
   v = np.asarray(ravel_pytree(v0)[0], np.float64)
   h, seq = hessian(batch), []
   for _ in range(60):
@@ -151,8 +159,7 @@ def test_tolerance_stops_at_the_first_small_relative_change():
 
 def test_eigenvalue_is_deterministic_given_the_key():
   params, batch = make_params(), make_batch(np.array([1.0, 0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]))
-  f = lambda key: float(EIG(
-      loss_fn, params, batch, num_iters=5, tol=0.0, key=key))
+  f = lambda key: float(EIG(loss_fn, params, batch, num_iters=5, tol=0.0, key=key))
   assert f(jax.random.key(3)) == f(jax.random.key(3))
   assert f(jax.random.key(3)) != f(jax.random.key(4))
   assert f(None) == f(jax.random.key(0))  # the documented default
@@ -208,8 +215,7 @@ def test_ball_sharpness_between_the_bounds_and_near_the_exact_maximum(rho):
   lower = rho * np.linalg.norm(g)
   upper = lower + 0.5 * np.linalg.eigvalsh(h).max() * rho**2
   exact = exact_ball_max(g, h, rho)
-  values = [float(BALL(loss_fn, params, batch, rho=rho, num_steps=k))
-            for k in (1, 2, 5, 20)]
+  values = [float(BALL(loss_fn, params, batch, rho=rho, num_steps=k)) for k in (1, 2, 5, 20)]
   for v in values:
     assert lower * (1 - 1e-5) <= v <= upper * (1 + 1e-5)
     assert v <= exact * (1 + 1e-4)
@@ -248,13 +254,11 @@ def test_adaptive_ball():
   g, h = gradient(params, batch), hessian(batch)
   # One step: ASAM's perturbation d = ρ T² g / ‖T g‖.
   d = rho * t**2 * g / np.linalg.norm(t * g)
-  one = BALL(loss_fn, params, batch, rho=rho, num_steps=1,
-                                       adaptive=True, eta=eta)
+  one = BALL(loss_fn, params, batch, rho=rho, num_steps=1, adaptive=True, eta=eta)
   assert float(one) == pytest.approx(g @ d + 0.5 * d @ h @ d, rel=1e-4)
   # More steps: the maximum over ‖d / T‖ ≤ ρ, i.e. over ‖u‖ ≤ ρ of (Tg)ᵀu + ½ uᵀ(THT)u.
   exact = exact_ball_max(t * g, t[:, None] * h * t[None, :], rho)
-  many = BALL(loss_fn, params, batch, rho=rho, num_steps=20,
-                                        adaptive=True, eta=eta)
+  many = BALL(loss_fn, params, batch, rho=rho, num_steps=20, adaptive=True, eta=eta)
   assert float(many) == pytest.approx(exact, rel=1e-3)
   plain = BALL(loss_fn, params, batch, rho=rho, num_steps=20)
   assert abs(float(plain) - float(many)) > 1e-2 * float(plain)  # a different ball
@@ -262,21 +266,18 @@ def test_adaptive_ball():
 
 def test_m_sharpness_is_the_mean_over_groups():
   params, batch, rho = make_params(), make_batch(), 0.1
-  split = lambda i, m: jax.tree.map(lambda x: x[i * N // m:(i + 1) * N // m], batch)
+  split = lambda i, m: jax.tree.map(lambda x: x[i * N // m : (i + 1) * N // m], batch)
   for m in (2, 4):
     got = BALL(loss_fn, params, batch, rho=rho, num_steps=3, groups=m)
-    each = [float(BALL(loss_fn, params, split(i, m), rho=rho,
-                                                 num_steps=3)) for i in range(m)]
+    each = [float(BALL(loss_fn, params, split(i, m), rho=rho, num_steps=3)) for i in range(m)]
     assert float(got) == pytest.approx(np.mean(each), rel=1e-5)
     assert len(set(each)) == m  # the groups do differ
   whole = BALL(loss_fn, params, batch, rho=rho, num_steps=3)
   one = BALL(loss_fn, params, batch, rho=rho, num_steps=3, groups=1)
   assert float(one) == pytest.approx(float(whole), rel=1e-6)
   # Extra args after the batch are shared by every group.
-  aux = BALL(loss_with_aux, params, batch, 2.0, rho=rho, num_steps=3,
-                                       groups=2, has_aux=True)
-  two = BALL(lambda p, b: 2.0 * loss_fn(p, b), params, batch,
-                                       rho=rho, num_steps=3, groups=2)
+  aux = BALL(loss_with_aux, params, batch, 2.0, rho=rho, num_steps=3, groups=2, has_aux=True)
+  two = BALL(lambda p, b: 2.0 * loss_fn(p, b), params, batch, rho=rho, num_steps=3, groups=2)
   assert float(aux) == pytest.approx(float(two), rel=1e-6)
 
 
@@ -309,9 +310,7 @@ def test_huge_float32_gradient_stays_finite():
 def test_has_aux_matches_the_plain_loss():
   params, batch = make_params(), make_batch()
   plain = lambda p, b: 2.0 * loss_fn(p, b)
-  for fn, kw in [(EIG, {}),
-                 (TRACE, {"num_samples": 20}),
-                 (BALL, {"rho": 0.1})]:
+  for fn, kw in [(EIG, {}), (TRACE, {"num_samples": 20}), (BALL, {"rho": 0.1})]:
     a = fn(loss_with_aux, params, batch, 2.0, has_aux=True, **kw)
     b = fn(plain, params, batch, **kw)
     assert float(a) == pytest.approx(float(b), rel=1e-6), fn.__name__
@@ -326,38 +325,42 @@ def test_under_jit_with_traced_rho_equals_eager():
 
   @jax.jit
   def diagnostics(params, batch, rho):
-    return (sharpness.top_hessian_eigenvalue(loss_fn, params, batch),
-            sharpness.hessian_trace(loss_fn, params, batch, num_samples=10),
-            sharpness.worst_case_sharpness(loss_fn, params, batch, rho=rho, groups=2))
+    return (
+      sharpness.top_hessian_eigenvalue(loss_fn, params, batch),
+      sharpness.hessian_trace(loss_fn, params, batch, num_samples=10),
+      sharpness.worst_case_sharpness(loss_fn, params, batch, rho=rho, groups=2),
+    )
 
   jitted = diagnostics(params, batch, 0.1)
-  eager = (sharpness.top_hessian_eigenvalue(loss_fn, params, batch),
-           sharpness.hessian_trace(loss_fn, params, batch, num_samples=10),
-           sharpness.worst_case_sharpness(loss_fn, params, batch, rho=0.1, groups=2))
+  eager = (
+    sharpness.top_hessian_eigenvalue(loss_fn, params, batch),
+    sharpness.hessian_trace(loss_fn, params, batch, num_samples=10),
+    sharpness.worst_case_sharpness(loss_fn, params, batch, rho=0.1, groups=2),
+  )
   for a, b in zip(jitted, eager):
     assert float(a) == pytest.approx(float(b), rel=1e-5)
   assert float(diagnostics(params, batch, 0.2)[2]) > float(jitted[2])  # ρ is traced, not baked in
 
 
 @pytest.mark.parametrize(
-    "fn, kwargs, message",
-    [
-        ("top_hessian_eigenvalue", {"num_iters": 0}, "`num_iters` must be an int >= 1, got 0"),
-        ("top_hessian_eigenvalue", {"num_iters": 2.5}, "`num_iters`"),
-        ("top_hessian_eigenvalue", {"num_iters": True}, "`num_iters`"),
-        ("top_hessian_eigenvalue", {"tol": -1e-3}, "`tol` must be a finite number >= 0"),
-        ("top_hessian_eigenvalue", {"tol": float("nan")}, "`tol`"),
-        ("hessian_trace", {"num_samples": 0}, "`num_samples` must be an int >= 1, got 0"),
-        ("worst_case_sharpness", {"rho": -0.1}, "`rho` must be a finite number >= 0, got -0.1"),
-        ("worst_case_sharpness", {"rho": "0.1"}, "`rho`"),
-        ("worst_case_sharpness", {"rho": [0.1]}, "`rho`"),
-        ("worst_case_sharpness", {"num_steps": 0}, "`num_steps` must be an int >= 1"),
-        ("worst_case_sharpness", {"step_size": 0.0}, "`step_size` must be > 0"),
-        ("worst_case_sharpness", {"adaptive": True, "eta": -1.0}, "`eta`"),
-        ("worst_case_sharpness", {"adaptive": 1}, "`adaptive` must be a bool"),
-        ("worst_case_sharpness", {"groups": 0}, "`groups` must be an int >= 1"),
-        ("worst_case_sharpness", {"groups": 3}, "`groups`: `batch` has 32 examples"),
-    ],
+  "fn, kwargs, message",
+  [
+    ("top_hessian_eigenvalue", {"num_iters": 0}, "`num_iters` must be an int >= 1, got 0"),
+    ("top_hessian_eigenvalue", {"num_iters": 2.5}, "`num_iters`"),
+    ("top_hessian_eigenvalue", {"num_iters": True}, "`num_iters`"),
+    ("top_hessian_eigenvalue", {"tol": -1e-3}, "`tol` must be a finite number >= 0"),
+    ("top_hessian_eigenvalue", {"tol": float("nan")}, "`tol`"),
+    ("hessian_trace", {"num_samples": 0}, "`num_samples` must be an int >= 1, got 0"),
+    ("worst_case_sharpness", {"rho": -0.1}, "`rho` must be a finite number >= 0, got -0.1"),
+    ("worst_case_sharpness", {"rho": "0.1"}, "`rho`"),
+    ("worst_case_sharpness", {"rho": [0.1]}, "`rho`"),
+    ("worst_case_sharpness", {"num_steps": 0}, "`num_steps` must be an int >= 1"),
+    ("worst_case_sharpness", {"step_size": 0.0}, "`step_size` must be > 0"),
+    ("worst_case_sharpness", {"adaptive": True, "eta": -1.0}, "`eta`"),
+    ("worst_case_sharpness", {"adaptive": 1}, "`adaptive` must be a bool"),
+    ("worst_case_sharpness", {"groups": 0}, "`groups` must be an int >= 1"),
+    ("worst_case_sharpness", {"groups": 3}, "`groups`: `batch` has 32 examples"),
+  ],
 )
 def test_bad_arguments_raise_value_errors_naming_them(fn, kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -374,20 +377,26 @@ def test_bad_params_and_loss_fn():
   with pytest.raises(ValueError, match="`groups` splits the batch"):
     sharpness.worst_case_sharpness(lambda p: jnp.sum(p**2), jnp.ones(2), groups=2)
   with pytest.raises(TypeError, match="scalar loss"):
-    sharpness.worst_case_sharpness(lambda p, b: b["x"] @ ravel_pytree(p)[0], make_params(),
-                                   make_batch())
+    sharpness.worst_case_sharpness(
+      lambda p, b: b["x"] @ ravel_pytree(p)[0], make_params(), make_batch()
+    )
 
 
 def test_public_submodule():
   import importlib
+
   assert importlib.import_module("sam_optax.sharpness") is sam_optax.sharpness
   assert "sharpness" in sam_optax.__all__
-  assert set(sharpness.__all__) == {"top_hessian_eigenvalue", "hessian_trace",
-                                    "worst_case_sharpness"}
+  assert set(sharpness.__all__) == {
+    "top_hessian_eigenvalue",
+    "hessian_trace",
+    "worst_case_sharpness",
+  }
 
 
 def test_docstring_examples():
   import doctest
+
   result = doctest.testmod(sharpness, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 10 and result.failed == 0
 
@@ -413,7 +422,9 @@ DEVICES = 4
 
 def _worker() -> dict:
   """Each diagnostic under jit on a batch sharded over 4 devices, against one device."""
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   assert jax.device_count() == DEVICES, jax.devices()
   params, batch = make_params(), make_batch()
@@ -424,16 +435,17 @@ def _worker() -> dict:
     sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
     cases = {
-        "eigenvalue": lambda p, b: sharpness.top_hessian_eigenvalue(loss_fn, p, b),
-        "trace": lambda p, b: sharpness.hessian_trace(loss_fn, p, b, num_samples=20),
-        "ball": lambda p, b: sharpness.worst_case_sharpness(loss_fn, p, b, rho=0.1),
-        "ball_groups4": lambda p, b: sharpness.worst_case_sharpness(
-            loss_fn, p, b, rho=0.1, groups=4),
-        "ball_groups2_adaptive": lambda p, b: sharpness.worst_case_sharpness(
-            loss_fn, p, b, rho=0.1, groups=2, adaptive=True),
-        # 16 groups of 2 do not split over 4 devices: the batch is gathered first.
-        "ball_groups16": lambda p, b: sharpness.worst_case_sharpness(
-            loss_fn, p, b, rho=0.1, num_steps=2, groups=16),
+      "eigenvalue": lambda p, b: sharpness.top_hessian_eigenvalue(loss_fn, p, b),
+      "trace": lambda p, b: sharpness.hessian_trace(loss_fn, p, b, num_samples=20),
+      "ball": lambda p, b: sharpness.worst_case_sharpness(loss_fn, p, b, rho=0.1),
+      "ball_groups4": lambda p, b: sharpness.worst_case_sharpness(loss_fn, p, b, rho=0.1, groups=4),
+      "ball_groups2_adaptive": lambda p, b: sharpness.worst_case_sharpness(
+        loss_fn, p, b, rho=0.1, groups=2, adaptive=True
+      ),
+      # 16 groups of 2 do not split over 4 devices: the batch is gathered first.
+      "ball_groups16": lambda p, b: sharpness.worst_case_sharpness(
+        loss_fn, p, b, rho=0.1, num_steps=2, groups=16
+      ),
     }
     for name, fn in cases.items():
       try:
@@ -441,8 +453,9 @@ def _worker() -> dict:
           got = jax.jit(fn)(replicated, sharded)
         want = jax.jit(fn)(params, batch)  # one device: the unsharded arrays
         out[f"{axis_type}/{name}"] = {
-            "sharded": float(got), "single": float(want),
-            "batch_sharded": not sharded["x"].sharding.is_fully_replicated,
+          "sharded": float(got),
+          "single": float(want),
+          "batch_sharded": not sharded["x"].sharding.is_fully_replicated,
         }
       except Exception as e:  # noqa: BLE001  (reported to and asserted on by the test)
         out[f"{axis_type}/{name}"] = {"exception": f"{type(e).__name__}: {e}"[:2000]}
@@ -456,16 +469,17 @@ def sharded_results():
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=1200)
+  proc = subprocess.run(
+    [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 @pytest.mark.parametrize(
-    "name",
-    ["eigenvalue", "trace", "ball", "ball_groups4", "ball_groups2_adaptive", "ball_groups16"])
+  "name", ["eigenvalue", "trace", "ball", "ball_groups4", "ball_groups2_adaptive", "ball_groups16"]
+)
 def test_sharded_batch_under_jit_equals_one_device(sharded_results, axis_type, name):
   got = sharded_results[f"{axis_type}/{name}"]
   assert "exception" not in got, got

@@ -13,7 +13,10 @@ import optax
 import pytest
 
 import sam_optax
-from examples.theory import adaptive, problems, samplers, theory
+from examples.theory import adaptive
+from examples.theory import problems
+from examples.theory import samplers
+from examples.theory import theory
 from examples.theory.samplers import Batch
 
 
@@ -40,12 +43,12 @@ def test_ridge_minimizer_and_exact_constants(interpolated):
   def measured(x_star, xs):
     f_i = lambda x, i: p.losses(x, i[None])[0]
     return dict(
-        grad_star=p.full_grad(x_star),
-        hess=jax.hessian(p.full_loss)(x_star),
-        hess_i=jax.vmap(jax.hessian(f_i), (None, 0))(x_star, jnp.arange(p.n)),
-        gap=jax.vmap(p.gap)(xs),
-        loss=jax.vmap(p.full_loss)(xs),
-        losses_star=p.losses(x_star, jnp.arange(p.n)),
+      grad_star=p.full_grad(x_star),
+      hess=jax.hessian(p.full_loss)(x_star),
+      hess_i=jax.vmap(jax.hessian(f_i), (None, 0))(x_star, jnp.arange(p.n)),
+      gap=jax.vmap(p.gap)(xs),
+      loss=jax.vmap(p.full_loss)(xs),
+      losses_star=p.losses(x_star, jnp.arange(p.n)),
     )
 
   m = jax.tree.map(np.asarray, measured(jnp.asarray(p.x_star), jnp.asarray(np.stack(_points(p)))))
@@ -75,11 +78,11 @@ def test_logistic_minimizer_and_constants():
   @jax.jit
   def measured(x_star, xs):
     return dict(
-        grad_star=p.full_grad(x_star),
-        hess_star=jax.hessian(p.full_loss)(x_star),
-        hess0=jax.hessian(p.full_loss)(jnp.zeros(p.d)),
-        hess=jax.vmap(jax.hessian(p.full_loss))(xs),
-        f3=jax.vmap(lambda x: p.losses(x, jnp.array([3]))[0])(xs),
+      grad_star=p.full_grad(x_star),
+      hess_star=jax.hessian(p.full_loss)(x_star),
+      hess0=jax.hessian(p.full_loss)(jnp.zeros(p.d)),
+      hess=jax.vmap(jax.hessian(p.full_loss))(xs),
+      f3=jax.vmap(lambda x: p.losses(x, jnp.array([3]))[0])(xs),
     )
 
   m = jax.tree.map(np.asarray, measured(jnp.asarray(p.x_star), jnp.asarray(np.stack(_points(p)))))
@@ -115,10 +118,15 @@ def test_importance_estimator_is_unbiased_exactly():
   s = samplers.importance(p.L_i)
   np.testing.assert_allclose(s.probs, p.L_i / p.L_i.sum(), rtol=1e-15)
   np.testing.assert_allclose(s.n * s.probs * s.weights, 1.0, rtol=1e-15)
-  per_sample = jax.jit(jax.vmap(lambda i: jax.grad(p.loss)(
-      jnp.asarray(p.x_star) + 1.0, Batch(i[None], jnp.asarray(s.weights)[i][None]))))
-  grads = np.asarray(per_sample(jnp.arange(p.n)))          # w_i ∇f_i(x)
-  expectation = s.probs @ grads                              # Σ_i p_i w_i ∇f_i(x)
+  per_sample = jax.jit(
+    jax.vmap(
+      lambda i: jax.grad(p.loss)(
+        jnp.asarray(p.x_star) + 1.0, Batch(i[None], jnp.asarray(s.weights)[i][None])
+      )
+    )
+  )
+  grads = np.asarray(per_sample(jnp.arange(p.n)))  # w_i ∇f_i(x)
+  expectation = s.probs @ grads  # Σ_i p_i w_i ∇f_i(x)
   full = np.asarray(p.full_grad(jnp.asarray(p.x_star) + 1.0))
   np.testing.assert_allclose(expectation, full, rtol=1e-13, atol=1e-15)
   # Without the 1/(n p_i) weights the same sampling is biased.
@@ -146,7 +154,7 @@ def test_tau_nice_draws_without_replacement(n, tau):
   assert idx.shape == (draws, tau)
   assert all(len(set(row)) == tau for row in idx)  # never the same index twice in a batch
   freq = np.bincount(idx.ravel(), minlength=n) / draws
-  p = tau / n                                         # P(i ∈ S) for τ-nice sampling
+  p = tau / n  # P(i ∈ S) for τ-nice sampling
   assert np.all(np.abs(freq - p) <= 4.5 * np.sqrt(p * (1 - p) / draws) + 1e-12)
   if 2 <= tau < n:  # pairs: P(i, j ∈ S) = τ(τ-1)/(n(n-1))
     both = np.mean([(0 in r) and (1 in r) for r in idx])
@@ -174,14 +182,19 @@ def _all_batches(p, s):
     idx = np.arange(p.n)[:, None]
     return Batch(jnp.asarray(idx), jnp.asarray(s.weights[idx])), s.probs
   subsets = np.array(list(itertools.combinations(range(p.n), s.tau)))
-  return Batch(jnp.asarray(subsets), jnp.ones(subsets.shape)), np.full(len(subsets), 1 / len(subsets))
+  return Batch(jnp.asarray(subsets), jnp.ones(subsets.shape)), np.full(
+    len(subsets), 1 / len(subsets)
+  )
 
 
 @pytest.mark.parametrize("kind", ["uniform", "3-nice", "importance"])
 def test_noise_constants_bound_the_second_moment(kind):
   p = problems.ridge_regression(7, 3, cond=3.0, reg=0.02, interpolated=False, seed=4)
-  s = {"uniform": samplers.tau_nice(7, 1), "3-nice": samplers.tau_nice(7, 3),
-       "importance": samplers.importance(p.L_i)}[kind]
+  s = {
+    "uniform": samplers.tau_nice(7, 1),
+    "3-nice": samplers.tau_nice(7, 3),
+    "importance": samplers.importance(p.L_i),
+  }[kind]
   A, B, C, L_S = theory.noise_constants(p, s)
   batches, probs = _all_batches(p, s)
   idx, w = np.asarray(batches.idx), np.asarray(batches.weight)
@@ -189,7 +202,7 @@ def test_noise_constants_bound_the_second_moment(kind):
   for x in _points(p):  # in NumPy: ∇f_i(x) = a_i(a_iᵀx - b_i) + reg·x
     g_i = p.A * (p.A @ x - p.b)[:, None] + p.reg * x
     g_S = np.einsum("bt,btd->bd", w, g_i[idx]) / idx.shape[1]
-    second = probs @ np.sum(g_S**2, axis=1)          # E‖∇f_S(x)‖², exactly
+    second = probs @ np.sum(g_S**2, axis=1)  # E‖∇f_S(x)‖², exactly
     e = x - p.x_star
     g = H @ e
     assert second <= (2 * A * (0.5 * e @ H @ e) + B * g @ g + C) * (1 + 1e-12)
@@ -221,8 +234,11 @@ def _gaps_after_one_step(p, xs, batches, hp):
 def test_derived_bound_holds_for_one_exact_expected_step(lambd, kind):
   """E[f(x⁺)] - f* ≤ q (f(x) - f*) + (1 - q) N for the library's Unified SAM step."""
   p = _BOUND_PROBLEM
-  s = {"full": samplers.full_batch(8), "uniform": samplers.tau_nice(8, 1),
-       "importance": samplers.importance(p.L_i)}[kind]
+  s = {
+    "full": samplers.full_batch(8),
+    "uniform": samplers.tau_nice(8, 1),
+    "importance": samplers.importance(p.L_i),
+  }[kind]
   noise = theory.noise_constants(p, s)
   rho, gamma = theory.unified_sam_step_sizes(p.mu, noise, lambd)
   bound = theory.unified_sam_rate_bound(p.L, p.mu, noise, gamma, rho, lambd)
@@ -236,7 +252,9 @@ def test_derived_bound_holds_for_one_exact_expected_step(lambd, kind):
 
 def test_step_sizes_reduce_to_the_published_deterministic_pair():
   p = problems.ridge_regression(10, 10)
-  rho, gamma = theory.unified_sam_step_sizes(p.mu, theory.noise_constants(p, samplers.full_batch(10)), 0.0)
+  rho, gamma = theory.unified_sam_step_sizes(
+    p.mu, theory.noise_constants(p, samplers.full_batch(10)), 0.0
+  )
   L = p.L
   assert rho == pytest.approx(1 / (6 * L), rel=1e-12)
   assert gamma == pytest.approx((1 - 3 * L * rho) / (2 * L * (2 * L**2 * rho**2 + 1)), rel=1e-12)
@@ -258,7 +276,7 @@ def test_polyak_step_with_rho_zero_is_the_classical_polyak_step():
   for _ in range(5):
     xn = np.asarray(x)
     r = A @ xn - b
-    f = 0.5 * np.mean(r**2) + 0.5 * reg * xn @ xn           # by hand, in NumPy
+    f = 0.5 * np.mean(r**2) + 0.5 * reg * xn @ xn  # by hand, in NumPy
     g = A.T @ r / p.n + reg * xn
     polyak = (f - p.f_star) / (g @ g)
     x, state, metrics = step(x, state, full)
@@ -288,8 +306,18 @@ def _oracle(method, p, x, batches, eps=1e-12, b1=0.9, b2=0.999):
   """The papers' update rules written out in NumPy, one step per batch."""
   x = x.copy()
   zeros, eps2 = np.zeros_like(x), np.full_like(x, eps**2)
-  st = dict(m=zeros, v=eps2, vh=eps2, r=zeros, u=eps2, un=eps**2, vn=eps**2,
-            eta=0.1, theta=np.inf, x_prev=x.copy())
+  st = dict(
+    m=zeros,
+    v=eps2,
+    vh=eps2,
+    r=zeros,
+    u=eps2,
+    un=eps**2,
+    vn=eps**2,
+    eta=0.1,
+    theta=np.inf,
+    x_prev=x.copy(),
+  )
   out = []
   for t, idx in enumerate(batches):
     s = _np_grad(p, x, idx)
@@ -329,15 +357,17 @@ def _oracle(method, p, x, batches, eps=1e-12, b1=0.9, b2=0.999):
   return out
 
 
-@pytest.mark.parametrize("method", ["adasam", "lightsam-I", "lightsam-II", "lightsam-III", "sa-sam"])
+@pytest.mark.parametrize(
+  "method", ["adasam", "lightsam-I", "lightsam-II", "lightsam-III", "sa-sam"]
+)
 def test_adaptive_baselines_follow_the_papers_rules(method):
   p = problems.ridge_regression(20, 6, cond=4.0, reg=0.01, interpolated=False, seed=7)
   opt = {
-      "adasam": adaptive.adasam(1e-2, 0.01),
-      "lightsam-I": adaptive.lightsam("I", 5.0, 0.1),
-      "lightsam-II": adaptive.lightsam("II", 0.5, 0.01),
-      "lightsam-III": adaptive.lightsam("III", 0.01, 0.01),
-      "sa-sam": adaptive.sa_sam(0.1),
+    "adasam": adaptive.adasam(1e-2, 0.01),
+    "lightsam-I": adaptive.lightsam("I", 5.0, 0.1),
+    "lightsam-II": adaptive.lightsam("II", 0.5, 0.01),
+    "lightsam-III": adaptive.lightsam("III", 0.01, 0.01),
+    "sa-sam": adaptive.sa_sam(0.1),
   }[method]
   rng = np.random.default_rng(8)
   batches = [rng.choice(p.n, 5, replace=False) for _ in range(8)]

@@ -10,7 +10,10 @@ import optax
 import pytest
 
 import sam_optax
-from examples.theory import problems, runner, samplers, theory
+from examples.theory import problems
+from examples.theory import runner
+from examples.theory import samplers
+from examples.theory import theory
 from examples.theory.experiments import usam_sps
 
 
@@ -67,8 +70,11 @@ def test_full_batch_lambda_one_over_t_follows_the_shrinking_floor():
 @pytest.mark.parametrize("kind", ["uniform", "10-nice", "importance"])
 def test_stochastic_usam_rate_is_within_the_band_of_the_bound(kind):
   p = STOCH
-  sampler = {"uniform": samplers.tau_nice(p.n, 1), "10-nice": samplers.tau_nice(p.n, 10),
-             "importance": samplers.importance(p.L_i)}[kind]
+  sampler = {
+    "uniform": samplers.tau_nice(p.n, 1),
+    "10-nice": samplers.tau_nice(p.n, 10),
+    "importance": samplers.importance(p.L_i),
+  }[kind]
   opt, _, _, bound = _constant_unified_sam(p, sampler, 0.0)
   steps = int(round(5 / -bound.slope, -2))
   tr = runner.run(p, opt, sampler, steps=steps, record_every=steps // 100, trials=8)
@@ -83,8 +89,10 @@ def test_importance_sampling_beats_uniform_in_theory_and_in_practice():
   opt_i, _, gamma_i, bound_i = _constant_unified_sam(p, importance, 0.0)
   assert gamma_i / gamma_u > 1.5 and bound_i.slope < 1.5 * bound_u.slope
   steps = int(round(3 / -bound_u.slope, -2))
-  gaps = [runner.run(p, opt, s, steps=steps, record_every=steps, trials=8).mean_gap[-1]
-          for opt, s in ((opt_u, uniform), (opt_i, importance))]
+  gaps = [
+    runner.run(p, opt, s, steps=steps, record_every=steps, trials=8).mean_gap[-1]
+    for opt, s in ((opt_u, uniform), (opt_i, importance))
+  ]
   assert gaps[1] < 0.1 * gaps[0]
 
 
@@ -97,10 +105,12 @@ def test_decreasing_steps_give_o_one_over_t():
   rho_t, gamma_t = theory.decreasing_schedules(rho, gamma, p.mu)
   steps = 20_000  # ≈ 20× the switch point 2/(γμ) of the decreasing schedule
   t_gap = {}
-  for name, opt in (("constant", sam_optax.unified_sam(optax.sgd(gamma), rho, lambd)),
-                    ("decreasing", sam_optax.unified_sam(optax.sgd(gamma_t), rho_t, lambd))):
+  for name, opt in (
+    ("constant", sam_optax.unified_sam(optax.sgd(gamma), rho, lambd)),
+    ("decreasing", sam_optax.unified_sam(optax.sgd(gamma_t), rho_t, lambd)),
+  ):
     tr = runner.run(p, opt, sampler, steps=steps, record_every=steps // 8, trials=32)
-    t_gap[name] = tr.t[2:] * tr.mean_gap[2:]           # t·E[f(x_t) - f*], t = T/4 … T
+    t_gap[name] = tr.t[2:] * tr.mean_gap[2:]  # t·E[f(x_t) - f*], t = T/4 … T
   # O(1/t): t·error stays bounded (no growth from T/4 to T) ...
   assert t_gap["decreasing"].max() <= 1.3 * t_gap["decreasing"][0]
   # ... while the constant-step error sits at its floor, so t·error grows ∝ t.
@@ -109,8 +119,9 @@ def test_decreasing_steps_give_o_one_over_t():
 
 def test_interpolated_usam_sps_reaches_1e_minus_10():
   p = problems.ridge_regression()  # the SAM-SPS deterministic problem: n = d = 100, κ(A) = 10
-  tr = runner.run(p, usam_sps(1 / (2 * p.L), gamma_b=1e4), samplers.full_batch(p.n),
-                  steps=300, record_every=1)
+  tr = runner.run(
+    p, usam_sps(1 / (2 * p.L), gamma_b=1e4), samplers.full_batch(p.n), steps=300, record_every=1
+  )
   assert tr.gap[0, -1] <= 1e-10 and tr.relative_gap[-1] <= 1e-10
   assert np.all(tr.step_size > 0) and np.all(tr.step_size < 1e4)
 
@@ -118,8 +129,14 @@ def test_interpolated_usam_sps_reaches_1e_minus_10():
 def test_stochastic_polyak_step_stays_in_zero_to_gamma_b():
   p = problems.ridge_regression(30, 10, cond=4.0, reg=0.01, interpolated=False, seed=14)
   gamma_b = 3.0  # about the median Polyak ratio on this problem
-  tr = runner.run(p, usam_sps(0.5 / p.L_max, gamma_b=gamma_b), samplers.tau_nice(p.n, 3),
-                  steps=2000, record_every=1, trials=4)
+  tr = runner.run(
+    p,
+    usam_sps(0.5 / p.L_max, gamma_b=gamma_b),
+    samplers.tau_nice(p.n, 3),
+    steps=2000,
+    record_every=1,
+    trials=4,
+  )
   gammas = tr.step_size
   assert gammas.min() >= 0.0 and gammas.max() <= gamma_b
   # Both regimes occur, so the bounds above are exercised: the cap binds on some

@@ -71,7 +71,9 @@ def reference(steps, *, rho, lambd, lr, mu, every=1, looksam_alpha=None, gsam_al
       g_s = np_grad(e)
       perturbed_losses.append(np_loss(e))
       if looksam_alpha is not None:
-        g_v = g_s - np.linalg.norm(g_s) * (g @ g_s) / (np.linalg.norm(g) * np.linalg.norm(g_s)) * g / np.linalg.norm(g)
+        g_v = g_s - np.linalg.norm(g_s) * (g @ g_s) / (
+          np.linalg.norm(g) * np.linalg.norm(g_s)
+        ) * g / np.linalg.norm(g)
       g_perp = g - (g @ g_s) / (g_s @ g_s) * g_s
       d = g_s - gsam_alpha * g_perp
     else:
@@ -108,13 +110,19 @@ def test_interval_every_1_is_sam_bit_for_bit():
 
 def test_interval_matches_hand_reference(x64):
   xs, metrics, state = run(
-      sam_optax.interval_sam(sam_sgd(rho=rho_schedule, lambd="1/t"), every=3), 8, jnp.float64
+    sam_optax.interval_sam(sam_sgd(rho=rho_schedule, lambd="1/t"), every=3), 8, jnp.float64
   )
-  ref, perturbed, _ = reference(8, rho=rho_schedule, lambd=lambd_1_over_t, lr=lambda _: 0.1, mu=0.9, every=3)
+  ref, perturbed, _ = reference(
+    8, rho=rho_schedule, lambd=lambd_1_over_t, lr=lambda _: 0.1, mu=0.9, every=3
+  )
   np.testing.assert_allclose(xs, ref, rtol=1e-12, atol=1e-14)
   # The perturbation's count advances on skipped steps: ρ_t and λ_t follow the step number.
-  np.testing.assert_allclose([m["rho"] for m in metrics], [rho_schedule(t) for t in range(8)], rtol=1e-12)
-  np.testing.assert_allclose([m["lambda"] for m in metrics], [1 / t for t in range(1, 9)], rtol=1e-12)
+  np.testing.assert_allclose(
+    [m["rho"] for m in metrics], [rho_schedule(t) for t in range(8)], rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    [m["lambda"] for m in metrics], [1 / t for t in range(1, 9)], rtol=1e-12
+  )
   # Skipped steps keep the last SAM step's perturbed loss.
   np.testing.assert_allclose([m["perturbed_loss"] for m in metrics], perturbed, rtol=1e-12)
   assert int(state.count) == 8
@@ -140,7 +148,7 @@ def counting_loss(counter):
 
 
 @pytest.mark.parametrize(
-    "wrap", [lambda o: sam_optax.interval_sam(o, 3), lambda o: sam_optax.looksam(o, 3, 0.5)]
+  "wrap", [lambda o: sam_optax.interval_sam(o, 3), lambda o: sam_optax.looksam(o, 3, 0.5)]
 )
 def test_skipped_steps_evaluate_the_loss_once(wrap):
   counter = []
@@ -161,7 +169,9 @@ def test_skipped_steps_evaluate_the_loss_once(wrap):
 
 def test_looksam_matches_hand_reference(x64):
   xs, _, state = run(sam_optax.looksam(sam_sgd(rho=0.1), every=3, alpha=0.7), 8, jnp.float64)
-  ref, _, g_v = reference(8, rho=lambda _: 0.1, lambd=lambda _: 1.0, lr=lambda _: 0.1, mu=0.9, every=3, looksam_alpha=0.7)
+  ref, _, g_v = reference(
+    8, rho=lambda _: 0.1, lambd=lambda _: 1.0, lr=lambda _: 0.1, mu=0.9, every=3, looksam_alpha=0.7
+  )
   np.testing.assert_allclose(xs, ref, rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(to_vector(state.orthogonal), g_v, rtol=1e-10, atol=1e-14)
   np.testing.assert_allclose(float(state.orthogonal_norm), np.linalg.norm(g_v), rtol=1e-12)
@@ -235,8 +245,11 @@ def test_gsam_alpha_can_be_injected():
 
 def nested_params(dtype=jnp.float64):
   return {
-      "dense": {"kernel": jnp.asarray([[0.5, -2.0], [1.5, 0.1]], dtype), "bias": jnp.asarray([0.0, 0.3], dtype)},
-      "scale": jnp.asarray([1.0, 0.8], dtype),
+    "dense": {
+      "kernel": jnp.asarray([[0.5, -2.0], [1.5, 0.1]], dtype),
+      "bias": jnp.asarray([0.0, 0.3], dtype),
+    },
+    "scale": jnp.asarray([1.0, 0.8], dtype),
   }
 
 
@@ -257,7 +270,9 @@ def test_asam_mask_gives_masked_out_leaves_t_equal_1(x64):
   grads = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.2, params)
   eta, rho = 0.01, 0.7
   # A prefix mask: the whole "dense" subtree is scaled, "scale" is not.
-  pert = sam_optax.unified_perturbation(rho, adaptive=True, eta=eta, mask={"dense": True, "scale": False})
+  pert = sam_optax.unified_perturbation(
+    rho, adaptive=True, eta=eta, mask={"dense": True, "scale": False}
+  )
   delta, _ = pert.update(grads, pert.init(params), params)
   leaves = ["dense/bias", "dense/kernel", "scale"]
   x = {k: np.asarray(v) for k, v in zip(leaves, jax.tree.leaves(params))}
@@ -267,7 +282,9 @@ def test_asam_mask_gives_masked_out_leaves_t_equal_1(x64):
   for k, d in zip(leaves, jax.tree.leaves(delta)):
     np.testing.assert_allclose(np.asarray(d), rho * t[k] ** 2 * g[k] / norm, rtol=1e-12)
   # The callable form, as in optax.masked: kernels only.
-  kernels_only = sam_optax.unified_perturbation(rho, adaptive=True, eta=eta, mask=lambda p: jax.tree.map(lambda v: v.ndim > 1, p))
+  kernels_only = sam_optax.unified_perturbation(
+    rho, adaptive=True, eta=eta, mask=lambda p: jax.tree.map(lambda v: v.ndim > 1, p)
+  )
   delta2, _ = kernels_only.update(grads, kernels_only.init(params), params)
   t["dense/bias"] = np.ones(2)
   norm = np.sqrt(sum(np.sum((t[k] * g[k]) ** 2) for k in leaves))
@@ -283,7 +300,9 @@ def test_asam_mask_errors():
   bad_structure = sam_optax.unified_perturbation(0.1, adaptive=True, mask={"dense": True})
   with pytest.raises(ValueError, match="`mask` must have the structure"):
     bad_structure.update(grads, bad_structure.init(params), params)
-  traced = sam_optax.unified_perturbation(0.1, adaptive=True, mask=lambda p: jax.tree.map(lambda v: v > 0, p))
+  traced = sam_optax.unified_perturbation(
+    0.1, adaptive=True, mask=lambda p: jax.tree.map(lambda v: v > 0, p)
+  )
   with pytest.raises(TypeError, match="`mask` leaves must be Python bools"):
     traced.update(grads, traced.init(params), params)
 
@@ -294,7 +313,9 @@ def test_asam_mask_errors():
 def test_clipping_on_the_descent_by_default(x64):
   # The clip inside the base optimizer acts on ∇f(e); the ascent uses the raw g.
   clip, rho, lr = 0.5, 0.2, 0.1
-  opt = sam_optax.unified_sam(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr)), rho=rho, lambd=0.0)
+  opt = sam_optax.unified_sam(
+    optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr)), rho=rho, lambd=0.0
+  )
   xs, _, _ = run(opt, 1, jnp.float64)
   g = np_grad(X0)
   g_s = np_grad(X0 + rho * g)  # USAM: δ = ρ g, unclipped
@@ -304,7 +325,9 @@ def test_clipping_on_the_descent_by_default(x64):
 
 def test_clipping_the_ascent_gradient_instead(x64):
   clip, rho, lr = 0.5, 0.2, 0.1
-  ascent = optax.chain(optax.clip_by_global_norm(clip), sam_optax.unified_perturbation(rho, lambd=0.0))
+  ascent = optax.chain(
+    optax.clip_by_global_norm(clip), sam_optax.unified_perturbation(rho, lambd=0.0)
+  )
   opt = sam_optax.sharpness_aware(ascent, optax.sgd(lr))
   xs, metrics, _ = run(opt, 1, jnp.float64)
   g = np_grad(X0)
@@ -337,18 +360,22 @@ def test_weight_decay_in_the_perturbation_opt_in(x64):
 
 
 OPTIONS = {
-    "interval": lambda: sam_optax.interval_sam(sam_sgd(rho=rho_schedule, lambd="1/t"), every=3),
-    "looksam": lambda: sam_optax.looksam(sam_sgd(), every=2, alpha=0.7),
-    "gsam": lambda: sam_optax.gsam(
-        sam_sgd(rho=sam_optax.gsam_rho_schedule(optax.cosine_decay_schedule(0.1, 10), 0.1, 0.01, lr_max=0.1)),
-        alpha=0.2,
+  "interval": lambda: sam_optax.interval_sam(sam_sgd(rho=rho_schedule, lambd="1/t"), every=3),
+  "looksam": lambda: sam_optax.looksam(sam_sgd(), every=2, alpha=0.7),
+  "gsam": lambda: sam_optax.gsam(
+    sam_sgd(
+      rho=sam_optax.gsam_rho_schedule(optax.cosine_decay_schedule(0.1, 10), 0.1, 0.01, lr_max=0.1)
     ),
-    "gsam_injected": lambda: optax.inject_hyperparams(sam_optax.gsam, static_args=("optimizer",))(sam_sgd(), alpha=0.2),
-    "asam_mask": lambda: sam_optax.sharpness_aware(
-        sam_optax.unified_perturbation(0.5, adaptive=True, mask={"b": False, "w": True}), optax.sgd(0.1)
-    ),
-    "interval_gsam": lambda: sam_optax.interval_sam(sam_optax.gsam(sam_sgd(), 0.1), every=2),
-    "scaled_looksam": lambda: sam_optax.dynamic_loss_scale(sam_optax.looksam(sam_sgd(), every=2)),
+    alpha=0.2,
+  ),
+  "gsam_injected": lambda: optax.inject_hyperparams(sam_optax.gsam, static_args=("optimizer",))(
+    sam_sgd(), alpha=0.2
+  ),
+  "asam_mask": lambda: sam_optax.sharpness_aware(
+    sam_optax.unified_perturbation(0.5, adaptive=True, mask={"b": False, "w": True}), optax.sgd(0.1)
+  ),
+  "interval_gsam": lambda: sam_optax.interval_sam(sam_optax.gsam(sam_sgd(), 0.1), every=2),
+  "scaled_looksam": lambda: sam_optax.dynamic_loss_scale(sam_optax.looksam(sam_sgd(), every=2)),
 }
 
 
@@ -377,7 +404,9 @@ def test_no_recompilation_after_the_first_step(name):
 
 
 def test_loss_scaled_interval_sam_matches_unscaled():
-  a, _, _ = run(sam_optax.dynamic_loss_scale(sam_optax.interval_sam(sam_sgd(), every=2), init_scale=2.0**10), 5)
+  a, _, _ = run(
+    sam_optax.dynamic_loss_scale(sam_optax.interval_sam(sam_sgd(), every=2), init_scale=2.0**10), 5
+  )
   b, _, _ = run(sam_optax.interval_sam(sam_sgd(), every=2), 5)
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -431,7 +460,13 @@ def test_docs_examples_build_working_optimizers():
   blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
   assert len(blocks) == 8
   for block in blocks:
-    namespace = {"jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "loss_fn": quadratic}
+    namespace = {
+      "jax": jax,
+      "jnp": jnp,
+      "optax": optax,
+      "sam_optax": sam_optax,
+      "loss_fn": quadratic,
+    }
     exec(textwrap.dedent(block), namespace)
     opt = namespace["opt"]
     params = to_params(X0, jnp.float32)
@@ -460,10 +495,14 @@ def test_pmap_with_axis_name_matches_single_device():
 
 def _mlp_problem(traces=None):
   rng = np.random.default_rng(3)
-  params = {"w1": jnp.asarray(rng.normal(size=(6, 8)) / 3, jnp.float32),
-            "w2": jnp.asarray(rng.normal(size=(8, 1)) / 3, jnp.float32)}
-  batch = (jnp.asarray(rng.normal(size=(16, 6)), jnp.float32),
-           jnp.asarray(rng.normal(size=(16, 1)), jnp.float32))
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(6, 8)) / 3, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(8, 1)) / 3, jnp.float32),
+  }
+  batch = (
+    jnp.asarray(rng.normal(size=(16, 6)), jnp.float32),
+    jnp.asarray(rng.normal(size=(16, 1)), jnp.float32),
+  )
 
   def loss(p, b):
     if traces is not None:
@@ -494,10 +533,14 @@ def _assert_trees_allclose(a, b, exact=False):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1), 3),
     lambda: sam_optax.looksam(sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), 0.1), 3, 0.7),
-], ids=["interval_sam", "looksam"])
+  ],
+  ids=["interval_sam", "looksam"],
+)
 def test_host_dispatch_equals_the_cond_program_and_compiles_each_kind_once(make):
   traces = []
   host = _trajectory(make(), True, traces=traces)
@@ -523,10 +566,12 @@ def test_host_dispatch_resumes_mid_cycle_like_an_uninterrupted_run():
 
 def test_traced_every_falls_back_to_the_cond_program():
   opt = optax.inject_hyperparams(sam_optax.interval_sam)(
-      sam_optax.unified_sam(optax.sgd(0.1), 0.1), every=3)
+    sam_optax.unified_sam(optax.sgd(0.1), 0.1), every=3
+  )
   injected = _trajectory(opt, True, steps=4)
   plain = _trajectory(
-      sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 3), False, steps=4)
+    sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.1), 3), False, steps=4
+  )
   for (p, _, m, _), (q, _, n, _) in zip(injected, plain):
     _assert_trees_allclose(p, q)
     assert float(m["perturbed_loss"]) == pytest.approx(float(n["perturbed_loss"]), rel=1e-6)

@@ -38,28 +38,40 @@ TABLE2_LAMBDAS = ("0", "0.5", "1", "1/t", "1-1/t")
 
 # Unified SAM, Table 2: WRN-28-10 on CIFAR-10, test accuracy (%), mean ± std over 3 seeds.
 PAPER_TABLE2 = {
-    (0.1, "0"): (95.70, 0.01), (0.1, "0.5"): (95.68, 0.11), (0.1, "1"): (95.90, 0.08),
-    (0.1, "1/t"): (95.84, 0.07), (0.1, "1-1/t"): (95.81, 0.03),
-    (0.2, "0"): (95.80, 0.05), (0.2, "0.5"): (95.77, 0.09), (0.2, "1"): (95.93, 0.07),
-    (0.2, "1/t"): (95.71, 0.13), (0.2, "1-1/t"): (95.98, 0.10),
-    (0.3, "0"): (95.35, 0.30), (0.3, "0.5"): (95.88, 0.10), (0.3, "1"): (95.95, 0.09),
-    (0.3, "1/t"): (95.68, 0.02), (0.3, "1-1/t"): (95.99, 0.06),
-    (0.4, "0"): (95.46, 0.02), (0.4, "0.5"): (95.76, 0.10), (0.4, "1"): (95.62, 0.05),
-    (0.4, "1/t"): (95.46, 0.27), (0.4, "1-1/t"): (95.79, 0.07),
+  (0.1, "0"): (95.70, 0.01),
+  (0.1, "0.5"): (95.68, 0.11),
+  (0.1, "1"): (95.90, 0.08),
+  (0.1, "1/t"): (95.84, 0.07),
+  (0.1, "1-1/t"): (95.81, 0.03),
+  (0.2, "0"): (95.80, 0.05),
+  (0.2, "0.5"): (95.77, 0.09),
+  (0.2, "1"): (95.93, 0.07),
+  (0.2, "1/t"): (95.71, 0.13),
+  (0.2, "1-1/t"): (95.98, 0.10),
+  (0.3, "0"): (95.35, 0.30),
+  (0.3, "0.5"): (95.88, 0.10),
+  (0.3, "1"): (95.95, 0.09),
+  (0.3, "1/t"): (95.68, 0.02),
+  (0.3, "1-1/t"): (95.99, 0.06),
+  (0.4, "0"): (95.46, 0.02),
+  (0.4, "0.5"): (95.76, 0.10),
+  (0.4, "1"): (95.62, 0.05),
+  (0.4, "1/t"): (95.46, 0.27),
+  (0.4, "1-1/t"): (95.79, 0.07),
 }
 PAPER_TABLE2_SGD = (95.35, 0.06)
 
 # SAM-SPS, Tables 3-4 as given by the reference README (ResNet-32, CIFAR-100):
 # (λ, ρ) -> {column: (mean, std)}.
 PAPER_SAM_SPS = {
-    (0, 0.1): {"constant": (90.56, 0.18), "cosine": (90.01, 0.32), "sps": (91.81, 0.04)},
-    (0, 0.2): {"constant": (90.45, 0.34), "cosine": (88.77, 0.26), "sps": (92.23, 0.22)},
-    (0, 0.3): {"constant": (90.25, 0.10), "cosine": (88.05, 0.23), "sps": (92.24, 0.30)},
-    (0, 0.4): {"constant": (89.56, 0.07), "cosine": (86.52, 0.04), "sps": (92.01, 0.12)},
-    (1, 0.1): {"constant": (90.17, 0.11), "cosine": (90.49, 0.02), "sps": (91.61, 0.12)},
-    (1, 0.2): {"constant": (90.53, 0.02), "cosine": (89.03, 0.13), "sps": (92.24, 0.07)},
-    (1, 0.3): {"constant": (89.61, 0.10), "cosine": (87.05, 0.24), "sps": (91.70, 0.15)},
-    (1, 0.4): {"constant": (88.64, 0.13), "cosine": (84.61, 0.34), "sps": (90.79, 0.16)},
+  (0, 0.1): {"constant": (90.56, 0.18), "cosine": (90.01, 0.32), "sps": (91.81, 0.04)},
+  (0, 0.2): {"constant": (90.45, 0.34), "cosine": (88.77, 0.26), "sps": (92.23, 0.22)},
+  (0, 0.3): {"constant": (90.25, 0.10), "cosine": (88.05, 0.23), "sps": (92.24, 0.30)},
+  (0, 0.4): {"constant": (89.56, 0.07), "cosine": (86.52, 0.04), "sps": (92.01, 0.12)},
+  (1, 0.1): {"constant": (90.17, 0.11), "cosine": (90.49, 0.02), "sps": (91.61, 0.12)},
+  (1, 0.2): {"constant": (90.53, 0.02), "cosine": (89.03, 0.13), "sps": (92.24, 0.07)},
+  (1, 0.3): {"constant": (89.61, 0.10), "cosine": (87.05, 0.24), "sps": (91.70, 0.15)},
+  (1, 0.4): {"constant": (88.64, 0.13), "cosine": (84.61, 0.34), "sps": (90.79, 0.16)},
 }
 
 
@@ -81,21 +93,39 @@ def cells(table: str, constant_lrs=(0.05,)) -> list[Cell]:
   if table == "unified_sam":
     for rho in RHOS:
       for lam in TABLE2_LAMBDAS:
-        out.append(Cell(f"rho{rho}_lambda{_slug(lam)}", "unified_sam_wrn28_10",
-                        (("rho", rho), ("lambd", lam)), (rho, lam)))
+        out.append(
+          Cell(
+            f"rho{rho}_lambda{_slug(lam)}",
+            "unified_sam_wrn28_10",
+            (("rho", rho), ("lambd", lam)),
+            (rho, lam),
+          )
+        )
     out.append(Cell("sgd", "sgd_wrn28_10", (), ("sgd",)))
   elif table == "sam_sps":
     for lam in (0, 1):
       for rho in RHOS:
         base = (("rho", rho), ("lambd", str(lam)))
         for lr in constant_lrs:
-          out.append(Cell(f"lambda{lam}_rho{rho}_constant_lr{lr}",
-                          "sam_constant_resnet32_cifar100",
-                          base + (("learning_rate", lr),), (lam, rho, "constant", lr)))
-        out.append(Cell(f"lambda{lam}_rho{rho}_cosine", "sam_cosine_resnet32_cifar100",
-                        base, (lam, rho, "cosine")))
-        out.append(Cell(f"lambda{lam}_rho{rho}_sps", "sam_sps_resnet32_cifar100", base,
-                        (lam, rho, "sps")))
+          out.append(
+            Cell(
+              f"lambda{lam}_rho{rho}_constant_lr{lr}",
+              "sam_constant_resnet32_cifar100",
+              base + (("learning_rate", lr),),
+              (lam, rho, "constant", lr),
+            )
+          )
+        out.append(
+          Cell(
+            f"lambda{lam}_rho{rho}_cosine",
+            "sam_cosine_resnet32_cifar100",
+            base,
+            (lam, rho, "cosine"),
+          )
+        )
+        out.append(
+          Cell(f"lambda{lam}_rho{rho}_sps", "sam_sps_resnet32_cifar100", base, (lam, rho, "sps"))
+        )
   else:
     raise ValueError(f"table must be 'unified_sam' or 'sam_sps', got {table!r}")
   return out
@@ -134,18 +164,22 @@ def build_config(cell: Cell, seed: int, extra=()):
 
 
 def command(cell: Cell, seed: int, workdir: str, data_dir: str, extra=()) -> str:
-  flags = " ".join(f"--config.{k}={v}" for k, v in tuple(cell.overrides) + tuple(extra)
-                   + (("seed", seed),))
-  return (f"python -m examples.cifar.main --config=examples/cifar/configs/{cell.config}.py "
-          f"--data_dir={data_dir} --workdir={workdir} {flags}")
+  flags = " ".join(
+    f"--config.{k}={v}" for k, v in tuple(cell.overrides) + tuple(extra) + (("seed", seed),)
+  )
+  return (
+    f"python -m examples.cifar.main --config=examples/cifar/configs/{cell.config}.py "
+    f"--data_dir={data_dir} --workdir={workdir} {flags}"
+  )
 
 
 def run_dir(workdir: str, cell: Cell, seed: int) -> str:
   return os.path.join(workdir, cell.name, f"seed{seed}")
 
 
-def run_grid(table, workdir, data_dir, seeds, extra=(), constant_lrs=(0.05,), limit=0,
-             dry_run=False, log=print):
+def run_grid(
+  table, workdir, data_dir, seeds, extra=(), constant_lrs=(0.05,), limit=0, dry_run=False, log=print
+):
   from examples.cifar import train
 
   todo = [(c, s) for c in cells(table, constant_lrs) for s in seeds]
@@ -161,8 +195,7 @@ def run_grid(table, workdir, data_dir, seeds, extra=(), constant_lrs=(0.05,), li
       continue
     resume = os.path.isdir(os.path.join(d, "checkpoints"))
     log(f"[{i + 1}/{len(todo)}] {cell.name} seed {seed}" + (" (resuming)" if resume else ""))
-    train.train_and_evaluate(build_config(cell, seed, extra), d, data_dir=data_dir,
-                             resume=resume)
+    train.train_and_evaluate(build_config(cell, seed, extra), d, data_dir=data_dir, resume=resume)
   if not dry_run:
     return summarize(table, workdir, seeds, constant_lrs)
   return None
@@ -194,20 +227,30 @@ def summarize(table, workdir, seeds, constant_lrs=(0.05,)) -> str:
   grid = cells(table, constant_lrs)
   lines = [f"# {table} grid: final test accuracy (%), ours vs paper", ""]
   if table == "unified_sam":
-    lines += ["| ρ | " + " | ".join(f"λ={lam}" for lam in TABLE2_LAMBDAS) + " |",
-              "|---" * (len(TABLE2_LAMBDAS) + 1) + "|"]
+    lines += [
+      "| ρ | " + " | ".join(f"λ={lam}" for lam in TABLE2_LAMBDAS) + " |",
+      "|---" * (len(TABLE2_LAMBDAS) + 1) + "|",
+    ]
     by_key = {c.key: c for c in grid}
     for rho in RHOS:
-      row = [f"{_fmt(_result(workdir, by_key[(rho, lam)], seeds))} "
-             f"[paper {_paper(PAPER_TABLE2[(rho, lam)])}]" for lam in TABLE2_LAMBDAS]
+      row = [
+        f"{_fmt(_result(workdir, by_key[(rho, lam)], seeds))} "
+        f"[paper {_paper(PAPER_TABLE2[(rho, lam)])}]"
+        for lam in TABLE2_LAMBDAS
+      ]
       lines.append(f"| {rho} | " + " | ".join(row) + " |")
     sgd = _fmt(_result(workdir, by_key[("sgd",)], seeds))
     lines += ["", f"SGD baseline: {sgd} [paper {_paper(PAPER_TABLE2_SGD)}]"]
   else:
     for lam in (0, 1):
       name = "USAM" if lam == 0 else "SAM"
-      lines += ["", f"## {name} (λ = {lam})", "",
-                "| ρ | constant (best lr) | cosine | Polyak (SPS) |", "|---|---|---|---|"]
+      lines += [
+        "",
+        f"## {name} (λ = {lam})",
+        "",
+        "| ρ | constant (best lr) | cosine | Polyak (SPS) |",
+        "|---|---|---|---|",
+      ]
       for rho in RHOS:
         best, best_lr = [], None
         for lr in constant_lrs:
@@ -220,9 +263,10 @@ def summarize(table, workdir, seeds, constant_lrs=(0.05,)) -> str:
         paper = PAPER_SAM_SPS[(lam, rho)]
         const = _fmt(best) + (f" lr={best_lr}" if best_lr is not None else "")
         lines.append(
-            f"| {rho} | {const} [paper {_paper(paper['constant'])}] | "
-            f"{_fmt(_result(workdir, cos, seeds))} [paper {_paper(paper['cosine'])}] | "
-            f"{_fmt(_result(workdir, sps, seeds))} [paper {_paper(paper['sps'])}] |")
+          f"| {rho} | {const} [paper {_paper(paper['constant'])}] | "
+          f"{_fmt(_result(workdir, cos, seeds))} [paper {_paper(paper['cosine'])}] | "
+          f"{_fmt(_result(workdir, sps, seeds))} [paper {_paper(paper['sps'])}] |"
+        )
   text = "\n".join(lines) + "\n"
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
@@ -231,16 +275,25 @@ def summarize(table, workdir, seeds, constant_lrs=(0.05,)) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--table", required=True, choices=("unified_sam", "sam_sps"))
   p.add_argument("--workdir", required=True)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--seeds", default="0", help="comma-separated seeds (paper: 3 seeds)")
-  p.add_argument("--constant_lrs", default="0.05",
-                 help="learning rates for the constant baseline of the SAM-SPS table")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config key in every cell (repeatable)")
+  p.add_argument(
+    "--constant_lrs",
+    default="0.05",
+    help="learning rates for the constant baseline of the SAM-SPS table",
+  )
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key in every cell (repeatable)",
+  )
   p.add_argument("--limit", type=int, default=0, help="run only the first N runs")
   p.add_argument("--dry_run", action="store_true", help="print the commands only")
   p.add_argument("--summarize", action="store_true", help="only rebuild summary.md")
@@ -252,8 +305,9 @@ def main(argv=None):
     return 0
   if a.data_dir is None and not a.dry_run:
     p.error("--data_dir is required unless --dry_run or --summarize")
-  text = run_grid(a.table, a.workdir, a.data_dir or "DATA_DIR", seeds, parse_set(a.set), lrs,
-                  a.limit, a.dry_run)
+  text = run_grid(
+    a.table, a.workdir, a.data_dir or "DATA_DIR", seeds, parse_set(a.set), lrs, a.limit, a.dry_run
+  )
   if text:
     print(text)
   return 0

@@ -35,7 +35,7 @@ import queue
 import tarfile
 import threading
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,20 +45,20 @@ PAD = 4
 
 # name -> (archive file, train members, test members, label key, number of classes)
 _DATASETS = {
-    "cifar10": (
-        "cifar-10-python.tar.gz",
-        tuple(f"data_batch_{i}" for i in range(1, 6)),
-        ("test_batch",),
-        b"labels",
-        10,
-    ),
-    "cifar100": (
-        "cifar-100-python.tar.gz",
-        ("train",),
-        ("test",),
-        b"fine_labels",
-        100,
-    ),
+  "cifar10": (
+    "cifar-10-python.tar.gz",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("test_batch",),
+    b"labels",
+    10,
+  ),
+  "cifar100": (
+    "cifar-100-python.tar.gz",
+    ("train",),
+    ("test",),
+    b"fine_labels",
+    100,
+  ),
 }
 
 DATASETS = tuple(_DATASETS)
@@ -115,22 +115,22 @@ class _ArrayUnpickler(pickle.Unpickler):
   """
 
   _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"),
-      ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy.core.multiarray", "scalar"),
-      ("numpy._core.multiarray", "scalar"),
-      ("numpy", "ndarray"),
-      ("numpy", "dtype"),
-      # Protocol-2 pickles written by Python 3 encode bytes payloads through this one;
-      # it only turns a str into bytes.
-      ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    # Protocol-2 pickles written by Python 3 encode bytes payloads through this one;
+    # it only turns a str into bytes.
+    ("_codecs", "encode"),
   }
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle")
     if module.startswith("numpy.core") and hasattr(np, "_core"):
-      module = "numpy._core" + module[len("numpy.core"):]  # numpy 2 spelling, no warning
+      module = "numpy._core" + module[len("numpy.core") :]  # numpy 2 spelling, no warning
     return super().find_class(module, name)
 
 
@@ -142,12 +142,12 @@ def _load_pickle(raw: bytes) -> dict:
 def _missing_message(path: str, dataset: str) -> str:
   train, test = archive_members(dataset)
   return (
-      f"CIFAR archive not found: {path}\n"
-      f"The {dataset} loader reads the python-version archive '{archive_name(dataset)}' "
-      f"(members {', '.join(train + test)}) from --data_dir and never downloads it. "
-      f"Expected files in --data_dir: "
-      f"{', '.join(archive_name(d) for d in DATASETS)} (one per dataset). Fetch it from "
-      "the CIFAR page of the University of Toronto and place it there unchanged."
+    f"CIFAR archive not found: {path}\n"
+    f"The {dataset} loader reads the python-version archive '{archive_name(dataset)}' "
+    f"(members {', '.join(train + test)}) from --data_dir and never downloads it. "
+    f"Expected files in --data_dir: "
+    f"{', '.join(archive_name(d) for d in DATASETS)} (one per dataset). Fetch it from "
+    "the CIFAR page of the University of Toronto and place it there unchanged."
   )
 
 
@@ -173,18 +173,28 @@ def read_archive(path: str, dataset: str) -> tuple[Split, Split]:
         found[base] = _load_pickle(raw)
   except DatasetError:
     raise
-  except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError,
-          ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+  except (
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    zlib.error,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+  ) as e:
     raise DatasetError(
-        f"{path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it and "
-        f"place a fresh copy of '{archive_name(dataset)}' in --data_dir."
+      f"{path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it and "
+      f"place a fresh copy of '{archive_name(dataset)}' in --data_dir."
     ) from e
   missing = [n for n in train_names + test_names if n not in found]
   if missing:
     raise DatasetError(
-        f"{path} does not look like '{archive_name(dataset)}': members {missing} are "
-        f"missing (expected {list(train_names + test_names)}). Is it the archive of "
-        "another dataset, or a truncated download?"
+      f"{path} does not look like '{archive_name(dataset)}': members {missing} are "
+      f"missing (expected {list(train_names + test_names)}). Is it the archive of "
+      "another dataset, or a truncated download?"
     )
   train = _concat([_to_split(found[n], n, path, label_key, num_classes) for n in train_names])
   test = _concat([_to_split(found[n], n, path, label_key, num_classes) for n in test_names])
@@ -195,25 +205,22 @@ def _to_split(batch, name, path, label_key, num_classes) -> Split:
   if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
     keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
     raise DatasetError(
-        f"{path}: member {name!r} must hold a dict with keys b'data' and {label_key!r}, "
-        f"found {keys}"
+      f"{path}: member {name!r} must hold a dict with keys b'data' and {label_key!r}, found {keys}"
     )
   data = np.asarray(batch[b"data"])
   labels = np.asarray(batch[label_key])
   row = IMAGE_SIZE * IMAGE_SIZE * NUM_CHANNELS
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row:
     raise DatasetError(
-        f"{path}: member {name!r} has data of dtype {data.dtype} and shape {data.shape}, "
-        f"expected uint8 (N, {row})"
+      f"{path}: member {name!r} has data of dtype {data.dtype} and shape {data.shape}, "
+      f"expected uint8 (N, {row})"
     )
   if labels.shape != (data.shape[0],):
     raise DatasetError(
-        f"{path}: member {name!r} has {labels.shape} labels for {data.shape[0]} images"
+      f"{path}: member {name!r} has {labels.shape} labels for {data.shape[0]} images"
     )
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise DatasetError(
-        f"{path}: member {name!r} has labels outside [0, {num_classes})"
-    )
+    raise DatasetError(f"{path}: member {name!r} has labels outside [0, {num_classes})")
   # Rows are channel planes (R 1024, G 1024, B 1024) of a row-major 32x32 image.
   images = data.reshape(-1, NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
@@ -221,7 +228,7 @@ def _to_split(batch, name, path, label_key, num_classes) -> Split:
 
 def _concat(splits: list[Split]) -> Split:
   return Split(
-      np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits])
+    np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits])
   )
 
 
@@ -230,7 +237,7 @@ def channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple[np.ndarray, np
   total = np.zeros(NUM_CHANNELS)
   total_sq = np.zeros(NUM_CHANNELS)
   for start in range(0, len(images), chunk):
-    part = images[start:start + chunk].reshape(-1, NUM_CHANNELS).astype(np.float64)
+    part = images[start : start + chunk].reshape(-1, NUM_CHANNELS).astype(np.float64)
     total += part.sum(0)
     total_sq += np.square(part).sum(0)
   count = images.shape[0] * IMAGE_SIZE * IMAGE_SIZE
@@ -265,10 +272,10 @@ def write_archive(path: str, dataset: str, train: Split, test: Split) -> None:
   for names, split in ((train_names, train), (test_names, test)):
     for name, idx in zip(names, np.array_split(np.arange(len(split)), len(names))):
       payload = {
-          b"batch_label": name.encode(),
-          b"data": encode(Split(split.images[idx], split.labels[idx])),
-          label_key: [int(v) for v in split.labels[idx]],
-          b"filenames": [f"{name}_{i}.png".encode() for i in idx],
+        b"batch_label": name.encode(),
+        b"data": encode(Split(split.images[idx], split.labels[idx])),
+        label_key: [int(v) for v in split.labels[idx]],
+        b"filenames": [f"{name}_{i}.png".encode() for i in idx],
       }
       members.append((f"{top}/{name}", pickle.dumps(payload, protocol=2)))
   with tarfile.open(path, "w:gz") as tar:
@@ -313,7 +320,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   steps = num_examples // batch_size
   if steps == 0:
     raise ValueError(
-        f"batch_size {batch_size} is larger than the training set ({num_examples} images)"
+      f"batch_size {batch_size} is larger than the training set ({num_examples} images)"
     )
   return steps
 
@@ -340,7 +347,7 @@ class TrainBatches:
     if epoch != self._perm_epoch:
       self._perm = epoch_permutation(len(self.split), self.seed, epoch)
       self._perm_epoch = epoch
-    return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+    return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
@@ -350,8 +357,7 @@ class TrainBatches:
       images = augment(images, np.random.default_rng([self.seed, epoch, i + 1]))
     return {"image": images, "label": self.split.labels[idx]}
 
-  def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
-              put=None) -> Iterator[dict]:
+  def iterate(self, start_step: int, end_step: int, prefetch: int = 2, put=None) -> Iterator[dict]:
     """Yields batches for steps [start_step, end_step), prepared by a background thread.
 
     ``put`` (e.g. ``jax.device_put``) is applied in the thread so the transfer overlaps
@@ -402,8 +408,8 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
   """Test batches in order; the last one is zero-padded to ``batch_size`` with ``mask`` 0."""
   n = len(split)
   for start in range(0, n, batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
+    images = split.images[start : start + batch_size]
+    labels = split.labels[start : start + batch_size]
     valid = len(labels)
     mask = np.ones(batch_size, np.float32)
     if valid < batch_size:

@@ -20,10 +20,12 @@ from examples.cifar.configs import default
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in examples/cifar/configs/.", lock_config=True)
+  "config", None, "Path to a config file in examples/cifar/configs/.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where metrics, plots, checkpoints and the report go.")
-flags.DEFINE_string("data_dir", None,
-                    "Folder with cifar-10-python.tar.gz / cifar-100-python.tar.gz.")
+flags.DEFINE_string(
+  "data_dir", None, "Folder with cifar-10-python.tar.gz / cifar-100-python.tar.gz."
+)
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
 flags.mark_flags_as_required(["config", "workdir", "data_dir"])
 
@@ -34,8 +36,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir,
-                             resume=FLAGS.resume)
+    train.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, resume=FLAGS.resume
+    )
   except train.TrainingInterrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
@@ -50,12 +53,14 @@ def check_overrides(argv) -> None:
   known = list(default.get_config().keys())
   for arg in argv[1:]:
     if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=", 1)[0].split(".", 1)[0]
+      key = arg[len("--config.") :].split("=", 1)[0].split(".", 1)[0]
       if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"error: unknown config key {key!r}{hint}; known keys: "
-              f"{', '.join(sorted(known))}", file=sys.stderr)
+        print(
+          f"error: unknown config key {key!r}{hint}; known keys: {', '.join(sorted(known))}",
+          file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -28,8 +28,9 @@ def digits_splits(test_fraction: float = 0.2, seed: int = 0):
   images = np.round(images * (255.0 / 16.0)).astype(np.uint8)
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target.astype(np.int32)
-  x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=test_fraction,
-                                            random_state=seed, stratify=labels)
+  x_tr, x_te, y_tr, y_te = train_test_split(
+    images, labels, test_size=test_fraction, random_state=seed, stratify=labels
+  )
   return input_pipeline.Split(x_tr, y_tr), input_pipeline.Split(x_te, y_te)
 
 

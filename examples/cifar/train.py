@@ -29,7 +29,9 @@ import platform
 import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +76,15 @@ def make_loss_fn(model: models.Model, config, mean, std, num_classes) -> Callabl
   return loss_fn
 
 
-def make_train_step(loss_fn, tx, config, schedule, steps_per_epoch: int,
-                    mesh: jax.sharding.Mesh, nnx_model: tuple | None = None) -> Callable:
+def make_train_step(
+  loss_fn,
+  tx,
+  config,
+  schedule,
+  steps_per_epoch: int,
+  mesh: jax.sharding.Mesh,
+  nnx_model: tuple | None = None,
+) -> Callable:
   """The jitted step ``(state, batch) -> (state, out)``; ``state`` is donated.
 
   The state is replicated over ``mesh`` and the batch split along its ``"data"`` axis;
@@ -98,26 +107,46 @@ def make_train_step(loss_fn, tx, config, schedule, steps_per_epoch: int,
     step = state["step"]
     # Both passes see the same dropout key, a pure function of the step.
     params, opt_state, metrics, aux = step_fn(
-        state["params"], state["opt_state"], batch, state["batch_stats"],
-        jax.random.fold_in(key, step))
+      state["params"],
+      state["opt_state"],
+      batch,
+      state["batch_stats"],
+      jax.random.fold_in(key, step),
+    )
     rate = metrics["step_size"] if optimizer.rate == "step_size" else schedule(step)
     lr = jnp.asarray(rate, jnp.float32)
     n = batch["label"].shape[0]
     correct = jnp.round(aux["correct"] * groups)  # sam_step returns the groups' mean
-    new = {"loss": metrics["loss"] * n, "correct": correct, "count": n,
-           "perturbed_loss": metrics.get("perturbed_loss", metrics["loss"]) * n,
-           "sharpness": metrics.get("sharpness", 0.0) * n,
-           "grad_norm": metrics["grad_norm"] * n, "lr": lr * n}
+    new = {
+      "loss": metrics["loss"] * n,
+      "correct": correct,
+      "count": n,
+      "perturbed_loss": metrics.get("perturbed_loss", metrics["loss"]) * n,
+      "sharpness": metrics.get("sharpness", 0.0) * n,
+      "grad_norm": metrics["grad_norm"] * n,
+      "lr": lr * n,
+    }
     fresh = step % steps_per_epoch == 0  # the sums restart with each epoch
-    sums = {k: jnp.where(fresh, 0.0, state["sums"][k]) + jnp.asarray(new[k], jnp.float32)
-            for k in _SUM_KEYS}
-    state = {"step": step + 1, "params": params, "opt_state": opt_state,
-             "batch_stats": aux["batch_stats"], "sums": sums}
+    sums = {
+      k: jnp.where(fresh, 0.0, state["sums"][k]) + jnp.asarray(new[k], jnp.float32)
+      for k in _SUM_KEYS
+    }
+    state = {
+      "step": step + 1,
+      "params": params,
+      "opt_state": opt_state,
+      "batch_stats": aux["batch_stats"],
+      "sums": sums,
+    }
     return state, {"loss": metrics["loss"], "accuracy": correct / n, "lr": lr}
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                 out_shardings=replicated, donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+    out_shardings=replicated,
+    donate_argnums=0,
+  )
 
 
 def make_nnx_loss_fn(config, mean, std, num_classes) -> Callable:
@@ -128,8 +157,7 @@ def make_nnx_loss_fn(config, mean, std, num_classes) -> Callable:
     del rng  # the NNX ResNet has no dropout
     logits = module(input_pipeline.normalize(batch["image"], mean, std))
     loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
-    return loss, {"correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"],
-                                     dtype=jnp.float32)}
+    return loss, {"correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.float32)}
 
   return loss_fn
 
@@ -141,11 +169,13 @@ def _nnx_sam_step(make_module, loss_fn, tx, **sam_options):
   inside the compiled step they become a live module and optimizer, which
   sam_optax.nnx.sam_step updates in place, and are read back.
   """
-  import sam_optax.nnx
   from flax import nnx
 
+  import sam_optax.nnx
+
   graphdef, params_def, stats_def = nnx.split(
-      nnx.eval_shape(lambda: make_module(nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
+    nnx.eval_shape(lambda: make_module(nnx.Rngs(0))), nnx.Param, nnx.BatchStat
+  )
   nnx_step = sam_optax.nnx.sam_step(loss_fn, has_aux=True, jit=False, **sam_options)
   is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
 
@@ -157,27 +187,36 @@ def _nnx_sam_step(make_module, loss_fn, tx, **sam_options):
     module.train()
     optimizer = nnx.Optimizer(module, tx, wrt=nnx.Param)
     # The same optax state with nnx.State nodes for dicts: the same leaves, in the same order.
-    paths = lambda tree: [jax.tree_util.keystr(k) for k, _ in  # noqa: E731
-                          jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = lambda tree: [
+      jax.tree_util.keystr(k)
+      for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
+    ]
     if paths(nnx.as_pure(optimizer.opt_state)) != paths(opt_state):
       raise ValueError("the nnx.Optimizer's state does not have the trainer's layout")
-    for variable, x in zip(jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable),
-                           jax.tree.leaves(opt_state)):
+    for variable, x in zip(
+      jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable), jax.tree.leaves(opt_state)
+    ):
       variable[...] = x
     metrics, aux = nnx_step(module, optimizer, batch, rng)
-    opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
-                                   jax.tree.leaves(nnx.as_pure(optimizer.opt_state)))
-    return (nnx.to_pure_dict(nnx.state(module, nnx.Param)), opt_state, metrics,
-            {"batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), **aux})
+    opt_state = jax.tree.unflatten(
+      jax.tree.structure(opt_state), jax.tree.leaves(nnx.as_pure(optimizer.opt_state))
+    )
+    return (
+      nnx.to_pure_dict(nnx.state(module, nnx.Param)),
+      opt_state,
+      metrics,
+      {"batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), **aux},
+    )
 
   return step
 
 
 def nnx_module_fn(config, num_classes) -> Callable:
   """``make(rngs)`` for ``config.model = "nnx_resnet<depth>"``, as models.create_model builds it."""
-  depth = int(config.model[len("nnx_resnet"):])
-  return lambda rngs: models.NNXResNet(depth, config.model_width or 16, num_classes,
-                                       dtype=jnp.dtype(config.dtype), rngs=rngs)
+  depth = int(config.model[len("nnx_resnet") :])
+  return lambda rngs: models.NNXResNet(
+    depth, config.model_width or 16, num_classes, dtype=jnp.dtype(config.dtype), rngs=rngs
+  )
 
 
 def make_eval_step(model: models.Model, mean, std, num_classes) -> Callable:
@@ -189,8 +228,11 @@ def make_eval_step(model: models.Model, mean, std, num_classes) -> Callable:
     logits, _ = model.apply(params, batch_stats, images, False, None)
     mask = batch["mask"]
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
-            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    return {
+      "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
+      "correct": jnp.sum(correct * mask),
+      "count": jnp.sum(mask),
+    }
 
   return eval_step
 
@@ -217,10 +259,14 @@ def make_sharpness_fn(model: models.Model, config, data, put) -> Callable | None
     return None
   from sam_optax import sharpness
 
-  fixed = input_pipeline.TrainBatches(data.train, config.batch_size, config.seed,
-                                      augment_images=False)
-  batch = put(jax.tree.map(lambda *xs: np.concatenate(xs),
-                           *[fixed(i) for i in range(config.sharpness_batches)]))
+  fixed = input_pipeline.TrainBatches(
+    data.train, config.batch_size, config.seed, augment_images=False
+  )
+  batch = put(
+    jax.tree.map(
+      lambda *xs: np.concatenate(xs), *[fixed(i) for i in range(config.sharpness_batches)]
+    )
+  )
   mean, std = jnp.asarray(data.mean), jnp.asarray(data.std)
   key = jax.random.key(config.seed + 2)
 
@@ -233,11 +279,15 @@ def make_sharpness_fn(model: models.Model, config, data, put) -> Callable | None
   def diagnostics(params, batch_stats, epoch):
     eig_key, trace_key = jax.random.split(jax.random.fold_in(key, epoch))
     args = (loss_fn, params, batch, batch_stats)
-    out = {"top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
-        *args, num_iters=config.sharpness_num_iters, key=eig_key)}
+    out = {
+      "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
+        *args, num_iters=config.sharpness_num_iters, key=eig_key
+      )
+    }
     if config.sharpness_num_samples:
       out["hessian_trace"] = sharpness.hessian_trace(
-          *args, num_samples=config.sharpness_num_samples, key=trace_key)
+        *args, num_samples=config.sharpness_num_samples, key=trace_key
+      )
     if config.sharpness_rho:
       out["rho_sharpness"] = sharpness.worst_case_sharpness(*args, rho=config.sharpness_rho)
     return out
@@ -281,33 +331,49 @@ def _sgd(config, schedule, steps_per_epoch):
   """torch.optim.SGD(lr, momentum, weight_decay): coupled L2 at x, then momentum, then -lr."""
   del steps_per_epoch
   clip = () if config.clip_norm is None else (optax.clip_by_global_norm(config.clip_norm),)
-  return optax.chain(*clip, optax.add_decayed_weights(config.weight_decay),
-                     optax.trace(decay=config.momentum, nesterov=config.nesterov),
-                     optax.scale_by_learning_rate(schedule))
+  return optax.chain(
+    *clip,
+    optax.add_decayed_weights(config.weight_decay),
+    optax.trace(decay=config.momentum, nesterov=config.nesterov),
+    optax.scale_by_learning_rate(schedule),
+  )
 
 
 def _ascent(config) -> dict[str, Any]:
   """ASAM's options of the perturbation; ``"kernels"`` scales only kernels (ndim > 1)."""
   kernels = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
-  return dict(adaptive=config.adaptive, eta=config.eta,
-              mask=kernels if config.asam_mask == "kernels" else None)
+  return dict(
+    adaptive=config.adaptive,
+    eta=config.eta,
+    mask=kernels if config.asam_mask == "kernels" else None,
+  )
 
 
 def _unified_sam(config, schedule, steps_per_epoch):
   rho = config.rho
   if config.gsam_rho_min is not None:  # GSAM: ρ_t follows the learning rate over the run
     lrs = np.asarray(schedule(jnp.arange(config.num_epochs * steps_per_epoch)))
-    rho = sam_optax.gsam_rho_schedule(schedule, config.rho, config.gsam_rho_min,
-                                      lr_max=float(lrs.max()), lr_min=float(lrs.min()))
-  return sam_optax.unified_sam(_sgd(config, schedule, steps_per_epoch), rho=rho,
-                               lambd=parse_lambda(config.lambd), **_ascent(config))
+    rho = sam_optax.gsam_rho_schedule(
+      schedule, config.rho, config.gsam_rho_min, lr_max=float(lrs.max()), lr_min=float(lrs.min())
+    )
+  return sam_optax.unified_sam(
+    _sgd(config, schedule, steps_per_epoch),
+    rho=rho,
+    lambd=parse_lambda(config.lambd),
+    **_ascent(config),
+  )
 
 
 def _sam_sps(config, schedule, steps_per_epoch):
   del schedule, steps_per_epoch  # γ_t is the step size
-  return sam_optax.sam_sps(rho=config.rho, lambd=parse_lambda(config.lambd),
-                           f_star=config.f_star, gamma_b=config.gamma_b,
-                           weight_decay=config.weight_decay, **_ascent(config))
+  return sam_optax.sam_sps(
+    rho=config.rho,
+    lambd=parse_lambda(config.lambd),
+    f_star=config.f_star,
+    gamma_b=config.gamma_b,
+    weight_decay=config.weight_decay,
+    **_ascent(config),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,12 +386,19 @@ class Optimizer:
   unused: tuple[str, ...] = ()  # config keys it ignores, which must keep their defaults
 
 
-_SAM_KEYS = ("sam_every", "looksam_alpha", "gsam_alpha", "gsam_rho_min", "adaptive",
-             "asam_mask", "m_sharpness")
+_SAM_KEYS = (
+  "sam_every",
+  "looksam_alpha",
+  "gsam_alpha",
+  "gsam_rho_min",
+  "adaptive",
+  "asam_mask",
+  "m_sharpness",
+)
 OPTIMIZERS = {
-    "sgd": Optimizer(_sgd, two_pass=False, unused=_SAM_KEYS),
-    "unified_sam": Optimizer(_unified_sam),
-    "sam_sps": Optimizer(_sam_sps, rate="step_size", unused=("gsam_rho_min", "clip_norm")),
+  "sgd": Optimizer(_sgd, two_pass=False, unused=_SAM_KEYS),
+  "unified_sam": Optimizer(_unified_sam),
+  "sam_sps": Optimizer(_sam_sps, rate="step_size", unused=("gsam_rho_min", "clip_norm")),
 }
 # Config keys that change the optimizer state's layout (named when a resume mismatches).
 _STATE_OPTIONS = ("sam_every", "looksam_alpha", "gsam_alpha", "clip_norm")
@@ -356,9 +429,13 @@ class ConfigError(ValueError):
   """The config has unknown keys, or values this trainer does not know."""
 
 
-_CHOICES = {"optimizer": tuple(OPTIMIZERS), "schedule": ("cosine", "step", "constant"),
-            "dtype": ("float32", "bfloat16"), "asam_mask": ("all", "kernels"),
-            "dataset": input_pipeline.DATASETS}
+_CHOICES = {
+  "optimizer": tuple(OPTIMIZERS),
+  "schedule": ("cosine", "step", "constant"),
+  "dtype": ("float32", "bfloat16"),
+  "asam_mask": ("all", "kernels"),
+  "dataset": input_pipeline.DATASETS,
+}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -370,35 +447,54 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   defaults = default_config.get_config()
   unknown = sorted(set(config.keys()) - set(defaults.keys()))
   if unknown:
-    hints = [f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in
-                                difflib.get_close_matches(k, list(defaults.keys()), n=1))
-             for k in unknown]
-    raise ConfigError(f"unknown config key(s): {', '.join(hints)}. Known keys: "
-                      f"{', '.join(sorted(defaults.keys()))}")
+    hints = [
+      f"{k!r}"
+      + "".join(
+        f" (did you mean {c!r}?)" for c in difflib.get_close_matches(k, list(defaults.keys()), n=1)
+      )
+      for k in unknown
+    ]
+    raise ConfigError(
+      f"unknown config key(s): {', '.join(hints)}. Known keys: {', '.join(sorted(defaults.keys()))}"
+    )
   for key, allowed in _CHOICES.items():
     if config[key] not in allowed:
       raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
-  unused = [f"{k}={config[k]!r}" for k in OPTIMIZERS[config.optimizer].unused
-            if config[k] != defaults[k]]
+  unused = [
+    f"{k}={config[k]!r}" for k in OPTIMIZERS[config.optimizer].unused if config[k] != defaults[k]
+  ]
   if unused:
-    raise ConfigError(f"{', '.join(unused)}: not used by optimizer={config.optimizer!r}; "
-                      "leave at the default or choose another optimizer")
+    raise ConfigError(
+      f"{', '.join(unused)}: not used by optimizer={config.optimizer!r}; "
+      "leave at the default or choose another optimizer"
+    )
   m, n, available = config.m_sharpness, config.num_devices, jax.local_device_count()
   rules = [
-      (0.0 <= config.label_smoothing < 1.0,
-       f"label_smoothing must be in [0, 1), got {config.label_smoothing}"),
-      (config.clip_norm is None or config.clip_norm > 0,
-       f"clip_norm must be > 0 (or None: no clipping), got {config.clip_norm}"),
-      (not config.looksam_alpha or config.sam_every > 1,
-       f"looksam_alpha={config.looksam_alpha} reuses the SAM direction between SAM steps "
-       "and needs sam_every > 1 (the steps per SAM step)"),
-      (m is None or (isinstance(m, int) and m >= 1 and config.batch_size % m == 0),
-       f"m_sharpness (examples per ascent) must divide batch_size={config.batch_size}, "
-       f"got {m!r}"),
-      (isinstance(n, int) and 0 <= n <= available,
-       f"num_devices must be an int in [0, {available}] (0: all local devices), got {n!r}"),
-      (jax.process_count() == 1, "the CIFAR trainer runs in one process; for several "
-       "processes see examples/distributed"),
+    (
+      0.0 <= config.label_smoothing < 1.0,
+      f"label_smoothing must be in [0, 1), got {config.label_smoothing}",
+    ),
+    (
+      config.clip_norm is None or config.clip_norm > 0,
+      f"clip_norm must be > 0 (or None: no clipping), got {config.clip_norm}",
+    ),
+    (
+      not config.looksam_alpha or config.sam_every > 1,
+      f"looksam_alpha={config.looksam_alpha} reuses the SAM direction between SAM steps "
+      "and needs sam_every > 1 (the steps per SAM step)",
+    ),
+    (
+      m is None or (isinstance(m, int) and m >= 1 and config.batch_size % m == 0),
+      f"m_sharpness (examples per ascent) must divide batch_size={config.batch_size}, got {m!r}",
+    ),
+    (
+      isinstance(n, int) and 0 <= n <= available,
+      f"num_devices must be an int in [0, {available}] (0: all local devices), got {n!r}",
+    ),
+    (
+      jax.process_count() == 1,
+      "the CIFAR trainer runs in one process; for several processes see examples/distributed",
+    ),
   ]
   for ok, message in rules:
     if not ok:
@@ -418,8 +514,9 @@ def make_mesh(config) -> jax.sharding.Mesh:
   splits the sharded batch inside ``vmap``, which jax cannot do over an Explicit axis.
   """
   n = config.num_devices or jax.local_device_count()
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.local_devices()[:n])
+  return jax.make_mesh(
+    (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:n]
+  )
 
 
 # ---------------------------------------------------------------------- the setup
@@ -454,38 +551,65 @@ def setup(config, data_dir: str) -> Run:
   """
   check_config(config)
   data = input_pipeline.load(data_dir, config.dataset)
-  model = models.create_model(config.model, data.num_classes, dtype=jnp.dtype(config.dtype),
-                              dropout_rate=config.dropout_rate, width=config.model_width)
+  model = models.create_model(
+    config.model,
+    data.num_classes,
+    dtype=jnp.dtype(config.dtype),
+    dropout_rate=config.dropout_rate,
+    width=config.model_width,
+  )
   spe = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
   total = config.num_epochs * spe
   if config.num_train_steps > 0:
     total = min(total, config.num_train_steps)
   tx, schedule = create_optimizer(config, spe)
   mesh = make_mesh(config)
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.uint8),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.uint8),
+    "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+  }
   sam_optax.check_batch_divisible(batch, mesh.size, what=f"the {mesh.size} devices")
 
   # An "rbg" key (XLA's RngBitGenerator) for the initializers: compiling threefry for
   # every parameter takes 5x longer on a CPU. Checkpoints hold the exact values.
   init_key = jax.random.key(config.seed, impl="rbg")
   params, batch_stats = jax.jit(model.init)(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "batch_stats": batch_stats,
-           "sums": {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}}
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "batch_stats": batch_stats,
+    "sums": {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS},
+  }
   state = jax.device_put(state, NamedSharding(mesh, P()))  # one copy on every device
   loss_fn = make_loss_fn(model, config, data.mean, data.std, data.num_classes)
   nnx_model = None
   if model.kind == "nnx":
-    nnx_model = (nnx_module_fn(config, data.num_classes),
-                 make_nnx_loss_fn(config, data.mean, data.std, data.num_classes))
+    nnx_model = (
+      nnx_module_fn(config, data.num_classes),
+      make_nnx_loss_fn(config, data.mean, data.std, data.num_classes),
+    )
   train_step = make_train_step(loss_fn, tx, config, schedule, spe, mesh, nnx_model)
   jax.eval_shape(train_step, state, batch)  # sam_optax's trace-time checks
   n = mesh.size  # padded, masked test examples make any eval batch size exact
   put = lambda b: sam_optax.global_batch(b, mesh)  # noqa: E731
-  return Run(config, data, model, tx, schedule, spe, total, loss_fn, train_step,
-             make_eval_step(model, data.mean, data.std, data.num_classes), state, mesh, put,
-             -(-config.eval_batch_size // n) * n, make_sharpness_fn(model, config, data, put))
+  return Run(
+    config,
+    data,
+    model,
+    tx,
+    schedule,
+    spe,
+    total,
+    loss_fn,
+    train_step,
+    make_eval_step(model, data.mean, data.std, data.num_classes),
+    state,
+    mesh,
+    put,
+    -(-config.eval_batch_size // n) * n,
+    make_sharpness_fn(model, config, data, put),
+  )
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -501,8 +625,10 @@ class TrainingInterrupted(Exception):
   def __init__(self, signum: int, step: int, saved: bool):
     self.signum, self.step, self.saved = signum, step, saved
     where = f"checkpoint saved at step {step}" if saved else "no new checkpoint"
-    super().__init__(f"training stopped by {signal.Signals(signum).name} at step {step}; "
-                     f"{where}; rerun with --resume to continue")
+    super().__init__(
+      f"training stopped by {signal.Signals(signum).name} at step {step}; "
+      f"{where}; rerun with --resume to continue"
+    )
 
 
 _IDENTITY = ("model", "model_width", "dataset", "num_classes", "optimizer")
@@ -510,17 +636,24 @@ _IDENTITY = ("model", "model_width", "dataset", "num_classes", "optimizer")
 
 def checkpoint_manager(directory: str, config) -> ocp.CheckpointManager:
   # Synchronous saves: a checkpoint is complete on disk when save() returns.
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
+  )
+  return ocp.CheckpointManager(
+    directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+  )
 
 
 def checkpoint_metadata(config, num_classes: int) -> dict[str, Any]:
   """Saved with each checkpoint (orbax's ``custom_metadata``) and checked on resume."""
-  return {"model": config.model, "model_width": config.model_width,
-          "dataset": config.dataset, "num_classes": num_classes,
-          "optimizer": config.optimizer, "state_options": {k: config[k] for k in _STATE_OPTIONS}}
+  return {
+    "model": config.model,
+    "model_width": config.model_width,
+    "dataset": config.dataset,
+    "num_classes": num_classes,
+    "optimizer": config.optimizer,
+    "state_options": {k: config[k] for k in _STATE_OPTIONS},
+  }
 
 
 def save_checkpoint(manager, step: int, state, metadata) -> bool:
@@ -528,8 +661,9 @@ def save_checkpoint(manager, step: int, state, metadata) -> bool:
   floats = [x for x in jax.tree.leaves(state["params"]) if jnp.issubdtype(x.dtype, jnp.floating)]
   if not all(bool(jnp.isfinite(x).all()) for x in floats):
     raise FloatingPointError(
-        f"parameters are not finite at step {step}; not saving a checkpoint (the last good "
-        f"one, step {manager.latest_step()}, is kept in {manager.directory})")
+      f"parameters are not finite at step {step}; not saving a checkpoint (the last good "
+      f"one, step {manager.latest_step()}, is kept in {manager.directory})"
+    )
   return manager.save(step, args=ocp.args.StandardSave(state), custom_metadata=metadata)
 
 
@@ -539,17 +673,19 @@ def restore_checkpoint(manager, step: int, state, metadata):
   for key in _IDENTITY:
     if written.get(key) != metadata[key]:
       raise CheckpointMismatchError(
-          f"the checkpoint in {manager.directory} was written for {key}={written.get(key)!r}, "
-          f"but this config has {key}={metadata[key]!r}. Use another --workdir, or the config "
-          "that wrote it.")
+        f"the checkpoint in {manager.directory} was written for {key}={written.get(key)!r}, "
+        f"but this config has {key}={metadata[key]!r}. Use another --workdir, or the config "
+        "that wrote it."
+      )
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except ValueError as e:  # orbax: another tree structure or other shapes
     options = ", ".join(f"{k}={v!r}" for k, v in written.get("state_options", {}).items())
     raise CheckpointMismatchError(
-        f"the checkpoint in {manager.directory} holds a state of another layout: it was "
-        f"written with {options}. Resume with the config that wrote it. ({e})") from e
+      f"the checkpoint in {manager.directory} holds a state of another layout: it was "
+      f"written with {options}. Resume with the config that wrote it. ({e})"
+    ) from e
 
 
 @contextlib.contextmanager
@@ -577,9 +713,14 @@ def _stop_on_signals():
 # ------------------------------------------------------------------------ the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_dir: str,
-                       resume: bool = False,
-                       hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  data_dir: str,
+  resume: bool = False,
+  hooks: Sequence[Callable[[int, dict], None]] = (),
+) -> dict:
   """Trains and evaluates; returns the final report (also written to workdir/report.json).
 
   Args:
@@ -610,8 +751,9 @@ def _train(run: Run, workdir, manager, resume, hooks):
   latest = manager.latest_step()
   if latest is not None and not resume:
     raise FileExistsError(
-        f"{manager.directory} already holds a checkpoint (step {latest}); pass --resume to "
-        "continue it, or choose a new --workdir (a fresh run never overwrites it)")
+      f"{manager.directory} already holds a checkpoint (step {latest}); pass --resume to "
+      "continue it, or choose a new --workdir (a fresh run never overwrites it)"
+    )
   if latest is not None:
     state = restore_checkpoint(manager, latest, state, metadata)
     print(f"Resumed from {manager.directory} at step {int(state['step'])}.", flush=True)
@@ -625,13 +767,16 @@ def _train(run: Run, workdir, manager, resume, hooks):
 
   optimizer = OPTIMIZERS[config.optimizer]
   spe, total = run.steps_per_epoch, run.total_steps
-  print(f"{config.name}: {config.model} ({models.count_params(state['params']):,} parameters, "
-        f"{config.dtype}) on {config.dataset} ({len(data.train)} train / {len(data.test)} "
-        f"test), {config.optimizer}{_describe(_options_on(config))}, {spe} steps/epoch, steps "
-        f"{start}..{total}, batch split over {run.mesh.size} device(s); {_hardware()}",
-        flush=True)
-  bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-             disable=not config.progress_bar)
+  print(
+    f"{config.name}: {config.model} ({models.count_params(state['params']):,} parameters, "
+    f"{config.dtype}) on {config.dataset} ({len(data.train)} train / {len(data.test)} "
+    f"test), {config.optimizer}{_describe(_options_on(config))}, {spe} steps/epoch, steps "
+    f"{start}..{total}, batch split over {run.mesh.size} device(s); {_hardware()}",
+    flush=True,
+  )
+  bar = tqdm(
+    total=total, initial=start, unit="step", dynamic_ncols=True, disable=not config.progress_bar
+  )
   saved_at, ips_history = latest, []
   log_clock = epoch_clock = (time.perf_counter(), step)
 
@@ -641,8 +786,10 @@ def _train(run: Run, workdir, manager, resume, hooks):
       saved_at = step
 
   def not_finite(what, value, where):
-    return FloatingPointError(f"{what} is {value} {where}; stopping without saving (the last "
-                              f"good checkpoint, step {saved_at}, is kept)")
+    return FloatingPointError(
+      f"{what} is {value} {where}; stopping without saving (the last "
+      f"good checkpoint, step {saved_at}, is kept)"
+    )
 
   def log_step(out):
     nonlocal log_clock
@@ -653,26 +800,39 @@ def _train(run: Run, workdir, manager, resume, hooks):
     if not math.isfinite(out["loss"]):
       raise not_finite("loss", out["loss"], f"at step {step}")
     _append_jsonl(steps_path, {"step": step, **out})
-    bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['accuracy']:.3f}",
-                    **{"γ" if optimizer.rate == "step_size" else "lr": f"{out['lr']:.3g}"},
-                    img_s=f"{ips:.0f}", refresh=False)
+    bar.set_postfix(
+      loss=f"{out['loss']:.3f}",
+      acc=f"{out['accuracy']:.3f}",
+      **{"γ" if optimizer.rate == "step_size" else "lr": f"{out['lr']:.3g}"},
+      img_s=f"{ips:.0f}",
+      refresh=False,
+    )
 
   def finish_epoch(epoch):
     nonlocal epoch_clock
     elapsed = time.perf_counter() - epoch_clock[0]  # training only, not evaluation
     sums = {k: float(v) for k, v in jax.device_get(state["sums"]).items()}
     mean = {k: v / sums["count"] for k, v in sums.items()}
-    record = {"epoch": epoch, "step": step, "train_loss": mean["loss"],
-              "train_accuracy": mean["correct"]}
+    record = {
+      "epoch": epoch,
+      "step": step,
+      "train_loss": mean["loss"],
+      "train_accuracy": mean["correct"],
+    }
     if optimizer.two_pass:
-      record.update(train_perturbed_loss=mean["perturbed_loss"],
-                    train_sharpness=mean["sharpness"])
+      record.update(train_perturbed_loss=mean["perturbed_loss"], train_sharpness=mean["sharpness"])
     record.update(train_grad_norm=mean["grad_norm"], **{optimizer.rate: mean["lr"]})
     if not math.isfinite(record["train_loss"]):
       raise not_finite("the training loss", record["train_loss"], f"in epoch {epoch}")
     if epoch % config.eval_every_epochs == 0 or step == total:
-      test = evaluate(run.eval_step, state["params"], state["batch_stats"], data.test,
-                      run.eval_batch_size, run.put_batch)
+      test = evaluate(
+        run.eval_step,
+        state["params"],
+        state["batch_stats"],
+        data.test,
+        run.eval_batch_size,
+        run.put_batch,
+      )
       record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if run.sharpness and (epoch % config.sharpness_every_epochs == 0 or step == total):
       record.update(run.sharpness(state["params"], state["batch_stats"], epoch))
@@ -682,12 +842,14 @@ def _train(run: Run, workdir, manager, resume, hooks):
     _append_jsonl(metrics_path, record)
     if config.plots:
       write_plots(workdir, optimizer.rate)
-    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in record.items()))
+    bar.write(
+      " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    )
     epoch_clock = (time.perf_counter(), step)
 
-  batches = input_pipeline.TrainBatches(data.train, config.batch_size, config.seed,
-                                        augment_images=config.augment)
+  batches = input_pipeline.TrainBatches(
+    data.train, config.batch_size, config.seed, augment_images=config.augment
+  )
   stream = batches.iterate(start, total, prefetch=config.prefetch, put=run.put_batch)
   try:
     with _stop_on_signals() as stop:
@@ -710,36 +872,53 @@ def _train(run: Run, workdir, manager, resume, hooks):
     intact = not any(x.is_deleted() for x in jax.tree.leaves(state))
     if intact:
       save()
-    raise TrainingInterrupted(signal.SIGINT, step, intact and saved_at == step)
+    raise TrainingInterrupted(signal.SIGINT, step, intact and saved_at == step) from None
   finally:
     stream.close()  # stops the prefetch thread on every path
     bar.close()
 
   save()
-  test = evaluate(run.eval_step, state["params"], state["batch_stats"], data.test,
-                  run.eval_batch_size, run.put_batch)
+  test = evaluate(
+    run.eval_step,
+    state["params"],
+    state["batch_stats"],
+    data.test,
+    run.eval_batch_size,
+    run.put_batch,
+  )
   tested = [r for r in _read_jsonl(metrics_path) if "test_accuracy" in r]
   best = max(tested, key=lambda r: r["test_accuracy"]) if tested else None
   report = {
-      "name": config.name, "dataset": config.dataset, "model": config.model,
-      "parameters": models.count_params(state["params"]), "optimizer": config.optimizer,
-      "rho": config.rho, "lambd": str(config.lambd), "seed": config.seed,
-      "options": _options_on(config), "devices": run.mesh.size,
-      "steps": step, "epochs": step / spe,
-      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-      "best_test_accuracy": best["test_accuracy"] if best else test["accuracy"],
-      "best_epoch": best["epoch"] if best else None,
-      "images_per_s": float(np.median(ips_history)) if ips_history else None,
-      "hardware": _hardware(),
+    "name": config.name,
+    "dataset": config.dataset,
+    "model": config.model,
+    "parameters": models.count_params(state["params"]),
+    "optimizer": config.optimizer,
+    "rho": config.rho,
+    "lambd": str(config.lambd),
+    "seed": config.seed,
+    "options": _options_on(config),
+    "devices": run.mesh.size,
+    "steps": step,
+    "epochs": step / spe,
+    "test_accuracy": test["accuracy"],
+    "test_loss": test["loss"],
+    "best_test_accuracy": best["test_accuracy"] if best else test["accuracy"],
+    "best_epoch": best["epoch"] if best else None,
+    "images_per_s": float(np.median(ips_history)) if ips_history else None,
+    "hardware": _hardware(),
   }
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   if config.plots:
     write_plots(workdir, optimizer.rate)
-  print(f"Final evaluation ({step} steps, {step / spe:.2f} epochs): test accuracy "
-        f"{100 * test['accuracy']:.2f}%, test loss {test['loss']:.4f}; best "
-        f"{100 * report['best_test_accuracy']:.2f}% (epoch {report['best_epoch']}). "
-        f"Report: {os.path.join(workdir, 'report.json')}", flush=True)
+  print(
+    f"Final evaluation ({step} steps, {step / spe:.2f} epochs): test accuracy "
+    f"{100 * test['accuracy']:.2f}%, test loss {test['loss']:.4f}; best "
+    f"{100 * report['best_test_accuracy']:.2f}% (epoch {report['best_epoch']}). "
+    f"Report: {os.path.join(workdir, 'report.json')}",
+    flush=True,
+  )
   return report
 
 
@@ -764,8 +943,11 @@ def _append_jsonl(path, record) -> None:
 
 
 _RATE_LABELS = {"learning_rate": "learning rate", "step_size": "Polyak step size γ_t"}
-_SHARPNESS_LABELS = {"top_hessian_eigenvalue": "top Hessian eigenvalue λ_max",
-                     "hessian_trace": "Hessian trace", "rho_sharpness": "ρ-ball sharpness"}
+_SHARPNESS_LABELS = {
+  "top_hessian_eigenvalue": "top Hessian eigenvalue λ_max",
+  "hessian_trace": "Hessian trace",
+  "rho_sharpness": "ρ-ball sharpness",
+}
 
 
 def write_plots(workdir: str, rate: str = "learning_rate") -> list[str]:
@@ -797,19 +979,34 @@ def write_plots(workdir: str, rate: str = "learning_rate") -> list[str]:
 
   if epochs:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    curves(ax1, [("train_loss", "o-", "train (clean pass)"),
-                 ("train_perturbed_loss", "o--", "train, perturbed f(e)"),
-                 ("test_loss", "s-", "test")], "cross-entropy", "loss")
-    curves(ax2, [("train_accuracy", "o-", "train"), ("test_accuracy", "s-", "test")],
-           "accuracy (%)", "accuracy", scale=100)
+    curves(
+      ax1,
+      [
+        ("train_loss", "o-", "train (clean pass)"),
+        ("train_perturbed_loss", "o--", "train, perturbed f(e)"),
+        ("test_loss", "s-", "test"),
+      ],
+      "cross-entropy",
+      "loss",
+    )
+    curves(
+      ax2,
+      [("train_accuracy", "o-", "train"), ("test_accuracy", "s-", "test")],
+      "accuracy (%)",
+      "accuracy",
+      scale=100,
+    )
     save(fig, "curves.png")
   diagnostics = [k for k in _SHARPNESS_LABELS if any(k in r for r in epochs)]
   if diagnostics:
-    fig, axes = plt.subplots(1, len(diagnostics), figsize=(5 * len(diagnostics), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(diagnostics), figsize=(5 * len(diagnostics), 4), squeeze=False)
     for ax, key in zip(axes[0], diagnostics):
-      curves(ax, [(key, "o-", "training batches, inference mode")], _SHARPNESS_LABELS[key],
-             _SHARPNESS_LABELS[key])
+      curves(
+        ax,
+        [(key, "o-", "training batches, inference mode")],
+        _SHARPNESS_LABELS[key],
+        _SHARPNESS_LABELS[key],
+      )
     save(fig, "sharpness.png")
   if steps:
     label = _RATE_LABELS[rate]
@@ -827,8 +1024,9 @@ def _describe(options: dict) -> str:
 def _hardware() -> str:
   cpu = platform.processor() or platform.machine()
   with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-    cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-               cpu)
+    cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
   d = jax.devices()[0]
-  return (f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)} ({d.platform}); "
-          f"host {cpu}, {os.cpu_count()} cores; jax {jax.__version__}")
+  return (
+    f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)} ({d.platform}); "
+    f"host {cpu}, {os.cpu_count()} cores; jax {jax.__version__}"
+  )

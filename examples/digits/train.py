@@ -36,36 +36,39 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 import sam_optax
 from sam_optax import sharpness
 
 # name -> label (formatted with the Config's fields); the order of the results table.
 OPTIMIZERS = {
-    "sgd": "SGD",
-    "sam": "SAM (λ=1)",
-    "usam": "USAM (λ=0)",
-    "unified": "Unified SAM (λ=1-1/t)",
-    "sam_sps": "SAM-SPS (λ=1)",
-    # The variants (docs/variants.md), run only when named in --optimizers.
-    "interval": "Interval SAM (k={sam_every})",
-    "looksam": "LookSAM (k={sam_every}, α={looksam_alpha})",
-    "gsam": "GSAM (α={gsam_alpha})",
-    "asam": "ASAM (ρ={asam_rho}, η={asam_eta})",
+  "sgd": "SGD",
+  "sam": "SAM (λ=1)",
+  "usam": "USAM (λ=0)",
+  "unified": "Unified SAM (λ=1-1/t)",
+  "sam_sps": "SAM-SPS (λ=1)",
+  # The variants (docs/variants.md), run only when named in --optimizers.
+  "interval": "Interval SAM (k={sam_every})",
+  "looksam": "LookSAM (k={sam_every}, α={looksam_alpha})",
+  "gsam": "GSAM (α={gsam_alpha})",
+  "asam": "ASAM (ρ={asam_rho}, η={asam_eta})",
 }
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "usam", "unified", "sam_sps")
 # The Config fields (and flags) each variant reads besides the shared ones.
 VARIANT_FIELDS = {
-    "interval": ("sam_every",),
-    "looksam": ("sam_every", "looksam_alpha"),
-    "gsam": ("gsam_alpha",),
-    "asam": ("asam_rho", "asam_eta"),
+  "interval": ("sam_every",),
+  "looksam": ("sam_every", "looksam_alpha"),
+  "gsam": ("gsam_alpha",),
+  "asam": ("asam_rho", "asam_eta"),
 }
 
 TEST_FRACTION = 0.2
@@ -130,8 +133,9 @@ def make_eval_loss_fn(model: CNN) -> Callable[..., Any]:
   """
 
   def loss_fn(params, batch, batch_stats):
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                         train=False)
+    logits = model.apply(
+      {"params": params, "batch_stats": batch_stats}, batch["image"], train=False
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   return loss_fn
@@ -142,35 +146,42 @@ EVAL_LOSS = make_eval_loss_fn(MODEL)
 
 @functools.partial(jax.jit, static_argnames=("eig_iters", "sharpness_steps"))
 def sharpness_diagnostics(
-    params: Any,
-    batch_stats: Any,
-    batch: dict[str, jax.Array],
-    key: jax.Array,
-    *,
-    rho: float,
-    eig_iters: int,
-    eig_tol: float,
-    sharpness_steps: int,
+  params: Any,
+  batch_stats: Any,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  rho: float,
+  eig_iters: int,
+  eig_tol: float,
+  sharpness_steps: int,
 ) -> dict[str, jax.Array]:
   """The top Hessian eigenvalue and the ρ-ball sharpness of the inference-mode loss."""
   return {
-      "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
-          EVAL_LOSS, params, batch, batch_stats, num_iters=eig_iters, tol=eig_tol, key=key),
-      "worst_case_sharpness": sharpness.worst_case_sharpness(
-          EVAL_LOSS, params, batch, batch_stats, rho=rho, num_steps=sharpness_steps),
+    "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
+      EVAL_LOSS, params, batch, batch_stats, num_iters=eig_iters, tol=eig_tol, key=key
+    ),
+    "worst_case_sharpness": sharpness.worst_case_sharpness(
+      EVAL_LOSS, params, batch, batch_stats, rho=rho, num_steps=sharpness_steps
+    ),
   }
 
 
 def measure_sharpness(
-    params: Any, batch_stats: Any, data: dict[str, np.ndarray], cfg: Config
+  params: Any, batch_stats: Any, data: dict[str, np.ndarray], cfg: Config
 ) -> dict[str, float]:
   """Both diagnostics on the whole training set, as floats, and the seconds they took."""
   start = time.perf_counter()
   batch = {"image": jnp.asarray(data["x_train"]), "label": jnp.asarray(data["y_train"])}
   out = sharpness_diagnostics(
-      params, batch_stats, batch, jax.random.key(cfg.seed),
-      rho=cfg.rho if cfg.sharpness_rho is None else cfg.sharpness_rho,
-      eig_iters=cfg.eig_iters, eig_tol=cfg.eig_tol, sharpness_steps=cfg.sharpness_steps,
+    params,
+    batch_stats,
+    batch,
+    jax.random.key(cfg.seed),
+    rho=cfg.rho if cfg.sharpness_rho is None else cfg.sharpness_rho,
+    eig_iters=cfg.eig_iters,
+    eig_tol=cfg.eig_tol,
+    sharpness_steps=cfg.sharpness_steps,
   )
   out = {k: float(v) for k, v in out.items()}
   out["sharpness_seconds"] = time.perf_counter() - start
@@ -186,12 +197,12 @@ def load_data(train_examples: int | None = None) -> dict[str, np.ndarray]:
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
+    images, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
   )
   if train_examples is not None:
     if not 1 <= train_examples <= len(y_train):
       raise ValueError(
-          f"`train_examples` must be in [1, {len(y_train)}] or None, got {train_examples}."
+        f"`train_examples` must be in [1, {len(y_train)}] or None, got {train_examples}."
       )
     x_train, y_train = x_train[:train_examples], y_train[:train_examples]
   return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
@@ -213,8 +224,8 @@ def parse_optimizers(text: str) -> list[str]:
   unknown = [n for n in names if n not in OPTIMIZERS]
   if unknown or not names:
     raise ValueError(
-        f"--optimizers: unknown optimizer(s) {unknown or [text]}; "
-        f"choose a comma-separated subset of {', '.join(OPTIMIZERS)}."
+      f"--optimizers: unknown optimizer(s) {unknown or [text]}; "
+      f"choose a comma-separated subset of {', '.join(OPTIMIZERS)}."
     )
   return list(dict.fromkeys(names))  # drop repeats, keep order
 
@@ -223,9 +234,9 @@ def make_optimizer(name: str, cfg: Config) -> optax.GradientTransformation:
   """The optax transformation for one optimizer name (two-pass unless 'sgd')."""
   # PyTorch's SGD(lr, momentum, weight_decay): coupled L2 at x, then heavy ball.
   sgd = optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.trace(decay=cfg.momentum),
-      optax.scale(-cfg.learning_rate),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.trace(decay=cfg.momentum),
+    optax.scale(-cfg.learning_rate),
   )
   if name == "sgd":
     return sgd
@@ -234,7 +245,7 @@ def make_optimizer(name: str, cfg: Config) -> optax.GradientTransformation:
     return sam_optax.unified_sam(sgd, rho=cfg.rho, lambd=lambd)
   if name == "sam_sps":
     return sam_optax.sam_sps(
-        rho=cfg.rho, lambd=1.0, gamma_b=cfg.gamma_b, weight_decay=cfg.weight_decay
+      rho=cfg.rho, lambd=1.0, gamma_b=cfg.gamma_b, weight_decay=cfg.weight_decay
     )
   if name in VARIANT_FIELDS:
     try:
@@ -246,12 +257,12 @@ def make_optimizer(name: str, cfg: Config) -> optax.GradientTransformation:
 
 
 def _make_variant(
-    name: str, cfg: Config, sgd: optax.GradientTransformation
+  name: str, cfg: Config, sgd: optax.GradientTransformation
 ) -> optax.GradientTransformation:
   """The variants, all around SAM (λ = 1) with the same base SGD."""
   if name == "asam":
     return sam_optax.unified_sam(
-        sgd, rho=cfg.asam_rho, lambd=1.0, adaptive=True, eta=cfg.asam_eta, mask=asam_mask
+      sgd, rho=cfg.asam_rho, lambd=1.0, adaptive=True, eta=cfg.asam_eta, mask=asam_mask
     )
   sam = sam_optax.unified_sam(sgd, rho=cfg.rho, lambd=1.0)
   if name == "interval":
@@ -268,10 +279,10 @@ def make_loss_fn(model: CNN) -> Callable[..., Any]:
 
   def loss_fn(params, batch, batch_stats):
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        batch["image"],
-        train=True,
-        mutable=["batch_stats"],
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"],
+      train=True,
+      mutable=["batch_stats"],
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, updates["batch_stats"]
@@ -279,7 +290,9 @@ def make_loss_fn(model: CNN) -> Callable[..., Any]:
   return loss_fn
 
 
-def step_time_ms(times: Sequence[float], every: int = 1) -> tuple[float, float | None, float | None]:
+def step_time_ms(
+  times: Sequence[float], every: int = 1
+) -> tuple[float, float | None, float | None]:
   """(ms per step, ms per SAM step, ms per skipped step) from step times in seconds.
 
   With ``every = 1`` the median step, leaving out the first (it compiles); the
@@ -301,18 +314,18 @@ class _Trainee:
   """One optimizer's training state, step timings and per-epoch history."""
 
   def __init__(
-      self,
-      name: str,
-      label: str,
-      tx: optax.GradientTransformation,
-      variables: dict[str, Any],
-      every: int = 1,
+    self,
+    name: str,
+    label: str,
+    tx: optax.GradientTransformation,
+    variables: dict[str, Any],
+    every: int = 1,
   ):
     self.name, self.label = name, label
     self.every = every  # interval SAM and LookSAM: steps 0, k, 2k, ... are SAM steps
     # The steps donate their inputs, so each trainee starts from its own copy.
     self.params, self.batch_stats = jax.tree.map(
-        jnp.copy, (variables["params"], variables["batch_stats"])
+      jnp.copy, (variables["params"], variables["batch_stats"])
     )
     self.opt_state = tx.init(self.params)
     loss_fn = make_loss_fn(MODEL)
@@ -324,7 +337,7 @@ class _Trainee:
   def step(self, batch: dict[str, jax.Array]) -> None:
     start = time.perf_counter()
     self.params, self.opt_state, metrics, self.batch_stats = self._step(
-        self.params, self.opt_state, batch, self.batch_stats
+      self.params, self.opt_state, batch, self.batch_stats
     )
     jax.block_until_ready((self.params, self.opt_state, metrics, self.batch_stats))
     self.step_times.append(time.perf_counter() - start)
@@ -334,42 +347,44 @@ class _Trainee:
 
   def end_epoch(self, epoch: int, data: dict[str, np.ndarray]) -> None:
     test_loss, test_acc = evaluate(self.params, self.batch_stats, data["x_test"], data["y_test"])
-    self.history.append({
+    self.history.append(
+      {
         "epoch": epoch,
         "train_loss": float(np.mean(self.losses)),  # mean clean-pass loss of the epoch
         "test_loss": float(test_loss),
         "test_accuracy": float(test_acc),
-    })
+      }
+    )
     self.losses = []
     if not np.isfinite(self.history[-1]["train_loss"]):
       raise FloatingPointError(
-          f"{self.name} diverged: mean training loss {self.history[-1]['train_loss']} in "
-          f"epoch {epoch}; lower --lr, --rho or --gamma_b."
+        f"{self.name} diverged: mean training loss {self.history[-1]['train_loss']} in "
+        f"epoch {epoch}; lower --lr, --rho or --gamma_b."
       )
 
   def result(self) -> dict[str, Any]:
     ms_per_step, ms_sam, ms_skipped = step_time_ms(self.step_times, self.every)
     return {
-        "optimizer": self.name,
-        "label": self.label,
-        "train_loss": self.history[-1]["train_loss"],
-        "test_loss": self.history[-1]["test_loss"],
-        "test_accuracy": self.history[-1]["test_accuracy"],
-        "ms_per_step": ms_per_step,
-        "ms_per_sam_step": ms_sam,
-        "ms_per_skipped_step": ms_skipped,
-        "mean_step_size": float(np.mean(self.step_sizes)) if self.step_sizes else None,
-        **self.sharpness,
-        "steps": len(self.step_times),
-        "history": self.history,
+      "optimizer": self.name,
+      "label": self.label,
+      "train_loss": self.history[-1]["train_loss"],
+      "test_loss": self.history[-1]["test_loss"],
+      "test_accuracy": self.history[-1]["test_accuracy"],
+      "ms_per_step": ms_per_step,
+      "ms_per_sam_step": ms_sam,
+      "ms_per_skipped_step": ms_skipped,
+      "mean_step_size": float(np.mean(self.step_sizes)) if self.step_sizes else None,
+      **self.sharpness,
+      "steps": len(self.step_times),
+      "history": self.history,
     }
 
 
 def run(
-    cfg: Config,
-    names: Sequence[str] = DEFAULT_OPTIMIZERS,
-    *,
-    progress: bool = True,
+  cfg: Config,
+  names: Sequence[str] = DEFAULT_OPTIMIZERS,
+  *,
+  progress: bool = True,
 ) -> list[dict[str, Any]]:
   """Trains the named optimizers side by side; returns one result dict each.
 
@@ -390,13 +405,18 @@ def run(
   n_train = len(data["y_train"])
   if not 1 <= cfg.batch_size <= n_train:
     raise ValueError(
-        f"`batch_size` must be in [1, {n_train}] (the training set), got {cfg.batch_size}."
+      f"`batch_size` must be in [1, {n_train}] (the training set), got {cfg.batch_size}."
     )
   variables = MODEL.init(jax.random.key(cfg.seed), data["x_train"][:1], train=False)
   trainees = [
-      _Trainee(name, label(name, cfg), tx, variables,
-               every=cfg.sam_every if "sam_every" in VARIANT_FIELDS.get(name, ()) else 1)
-      for name, tx in txs.items()
+    _Trainee(
+      name,
+      label(name, cfg),
+      tx,
+      variables,
+      every=cfg.sam_every if "sam_every" in VARIANT_FIELDS.get(name, ()) else 1,
+    )
+    for name, tx in txs.items()
   ]
 
   steps_per_epoch = n_train // cfg.batch_size  # drop the remainder: one compiled shape
@@ -407,7 +427,10 @@ def run(
     for i in range(steps_per_epoch):
       idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
       # On the device once, outside the timed steps.
-      batch = {"image": jnp.asarray(data["x_train"][idx]), "label": jnp.asarray(data["y_train"][idx])}
+      batch = {
+        "image": jnp.asarray(data["x_train"][idx]),
+        "label": jnp.asarray(data["y_train"][idx]),
+      }
       for trainee in trainees:
         trainee.step(batch)
       bar.update()
@@ -421,16 +444,23 @@ def run(
 
 
 # The numbers averaged over seeds by --seeds (mean ± std).
-SUMMARY_KEYS = ("train_loss", "test_loss", "test_accuracy", "top_hessian_eigenvalue",
-                "worst_case_sharpness", "ms_per_step", "mean_step_size")
+SUMMARY_KEYS = (
+  "train_loss",
+  "test_loss",
+  "test_accuracy",
+  "top_hessian_eigenvalue",
+  "worst_case_sharpness",
+  "ms_per_step",
+  "mean_step_size",
+)
 
 
 def run_seeds(
-    cfg: Config,
-    names: Sequence[str] = DEFAULT_OPTIMIZERS,
-    seeds: int = 1,
-    *,
-    progress: bool = True,
+  cfg: Config,
+  names: Sequence[str] = DEFAULT_OPTIMIZERS,
+  seeds: int = 1,
+  *,
+  progress: bool = True,
 ) -> list[dict[str, Any]]:
   """:func:`run` for seeds ``cfg.seed, cfg.seed + 1, ...``; the rows of all, seed by seed."""
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -456,16 +486,24 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry[key] = None
         continue
       entry[key] = {
-          "mean": float(np.mean(values)),
-          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-          "values": [float(v) for v in values],
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "values": [float(v) for v in values],
       }
     summary.append(entry)
   return summary
 
 
-TABLE_COLUMNS = ("optimizer", "train loss", "test acc (%)", "λ_max", "ρ-sharpness", "ms/step",
-                 "× SGD", "mean γ_t")
+TABLE_COLUMNS = (
+  "optimizer",
+  "train loss",
+  "test acc (%)",
+  "λ_max",
+  "ρ-sharpness",
+  "ms/step",
+  "× SGD",
+  "mean γ_t",
+)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
@@ -473,7 +511,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   sgd_ms = next((r["ms_per_step"] for r in results if r["optimizer"] == "sgd"), None)
   rows = [TABLE_COLUMNS, tuple("-" * len(c) for c in TABLE_COLUMNS)]
   for r in results:
-    rows.append((
+    rows.append(
+      (
         r["label"],
         f"{r['train_loss']:.4f}",
         f"{100 * r['test_accuracy']:.2f}",
@@ -482,10 +521,11 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         f"{r['ms_per_step']:.2f}",
         "-" if sgd_ms is None else f"{r['ms_per_step'] / sgd_ms:.2f}",
         "-" if r["mean_step_size"] is None else f"{r['mean_step_size']:.4f}",
-    ))
+      )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
   return "\n".join(
-      "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
+    "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
   )
 
 
@@ -493,10 +533,12 @@ def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
   """The mean ± std over seeds as a markdown table (× SGD from the mean step times)."""
   sgd = next((s for s in summary if s["optimizer"] == "sgd"), None)
   pm = lambda v, fmt, scale=1.0: (
-      "-" if v is None else f"{scale * v['mean']:{fmt}} ± {scale * v['std']:{fmt}}")
+    "-" if v is None else f"{scale * v['mean']:{fmt}} ± {scale * v['std']:{fmt}}"
+  )
   rows = [TABLE_COLUMNS, tuple("-" * len(c) for c in TABLE_COLUMNS)]
   for s in summary:
-    rows.append((
+    rows.append(
+      (
         s["label"],
         pm(s["train_loss"], ".4f"),
         pm(s["test_accuracy"], ".2f", 100.0),
@@ -505,10 +547,11 @@ def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
         pm(s["ms_per_step"], ".2f"),
         "-" if sgd is None else f"{s['ms_per_step']['mean'] / sgd['ms_per_step']['mean']:.2f}",
         pm(s["mean_step_size"], ".4f"),
-    ))
+      )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
   return "\n".join(
-      "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
+    "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows
   )
 
 
@@ -534,15 +577,25 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> str:
   axes[0].legend(fontsize=7)
   labels = [s["label"].replace(" (", "\n(") for s in summary]
   colors = [f"C{i}" for i in range(len(summary))]
-  for ax, key, title in ((axes[2], "top_hessian_eigenvalue", "top Hessian eigenvalue λ_max"),
-                         (axes[3], "worst_case_sharpness", "ρ-ball sharpness")):
-    ax.bar(range(len(summary)), [s[key]["mean"] for s in summary],
-           yerr=[s[key]["std"] for s in summary], color=colors, capsize=3)
+  for ax, key, title in (
+    (axes[2], "top_hessian_eigenvalue", "top Hessian eigenvalue λ_max"),
+    (axes[3], "worst_case_sharpness", "ρ-ball sharpness"),
+  ):
+    ax.bar(
+      range(len(summary)),
+      [s[key]["mean"] for s in summary],
+      yerr=[s[key]["std"] for s in summary],
+      color=colors,
+      capsize=3,
+    )
     ax.set_xticks(range(len(summary)), labels, fontsize=6)
     ax.set_title(title)
   seeds = sorted({r["seed"] for r in results})
-  fig.suptitle(f"digits, seeds {', '.join(map(str, seeds))}: sharpness measured on the "
-               "training set, batch norm in inference mode", fontsize=9)
+  fig.suptitle(
+    f"digits, seeds {', '.join(map(str, seeds))}: sharpness measured on the "
+    "training set, batch norm in inference mode",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
@@ -554,10 +607,10 @@ def format_step_costs(results: Sequence[dict[str, Any]]) -> str:
   sgd_ms = next((r["ms_per_step"] for r in results if r["optimizer"] == "sgd"), None)
   ratio = lambda ms: "" if sgd_ms is None else f" ({ms / sgd_ms:.2f} × SGD)"
   return "\n".join(
-      f"{r['label']}: SAM steps {r['ms_per_sam_step']:.2f} ms{ratio(r['ms_per_sam_step'])}, "
-      f"skipped steps {r['ms_per_skipped_step']:.2f} ms{ratio(r['ms_per_skipped_step'])}"
-      for r in results
-      if r["ms_per_sam_step"] is not None
+    f"{r['label']}: SAM steps {r['ms_per_sam_step']:.2f} ms{ratio(r['ms_per_sam_step'])}, "
+    f"skipped steps {r['ms_per_skipped_step']:.2f} ms{ratio(r['ms_per_skipped_step'])}"
+    for r in results
+    if r["ms_per_sam_step"] is not None
   )
 
 
@@ -589,48 +642,90 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Command line: train, print the table, optionally write JSON."""
   defaults = Config()
   parser = argparse.ArgumentParser(
-      prog="python3 -m examples.digits",
-      description="Train a small CNN on scikit-learn's digits with SGD, SAM, USAM, "
-      "Unified SAM (1-1/t) and SAM-SPS (and, on request, the SAM variants); print a "
-      "results table.",
+    prog="python3 -m examples.digits",
+    description="Train a small CNN on scikit-learn's digits with SGD, SAM, USAM, "
+    "Unified SAM (1-1/t) and SAM-SPS (and, on request, the SAM variants); print a "
+    "results table.",
   )
-  parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                      help=f"comma-separated subset of {','.join(OPTIMIZERS)} "
-                      f"(default: {','.join(DEFAULT_OPTIMIZERS)})")
+  parser.add_argument(
+    "--optimizers",
+    default=",".join(DEFAULT_OPTIMIZERS),
+    help=f"comma-separated subset of {','.join(OPTIMIZERS)} "
+    f"(default: {','.join(DEFAULT_OPTIMIZERS)})",
+  )
   parser.add_argument("--epochs", type=int, default=defaults.epochs)
   parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-  parser.add_argument("--seed", type=int, default=defaults.seed,
-                      help="initialisation and shuffling (the train/test split is fixed)")
-  parser.add_argument("--lr", type=float, default=defaults.learning_rate,
-                      help="learning rate of SGD and of the Unified SAM family's base SGD")
-  parser.add_argument("--rho", type=float, default=defaults.rho,
-                      help="SAM radius ρ of every two-pass optimizer but asam (--asam_rho)")
-  parser.add_argument("--gamma_b", type=float, default=defaults.gamma_b,
-                      help="SAM-SPS's cap on the Polyak step size")
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=defaults.seed,
+    help="initialisation and shuffling (the train/test split is fixed)",
+  )
+  parser.add_argument(
+    "--lr",
+    type=float,
+    default=defaults.learning_rate,
+    help="learning rate of SGD and of the Unified SAM family's base SGD",
+  )
+  parser.add_argument(
+    "--rho",
+    type=float,
+    default=defaults.rho,
+    help="SAM radius ρ of every two-pass optimizer but asam (--asam_rho)",
+  )
+  parser.add_argument(
+    "--gamma_b", type=float, default=defaults.gamma_b, help="SAM-SPS's cap on the Polyak step size"
+  )
   variant_help = {
-      "sam_every": "interval and looksam: a SAM step every k steps",
-      "looksam_alpha": "looksam: weight α of the reused direction",
-      "gsam_alpha": "gsam: weight α of the clean gradient's orthogonal part",
-      "asam_rho": "asam: radius ρ (ASAM needs about 10× SAM's)",
-      "asam_eta": "asam: offset η in T = |x| + η",
+    "sam_every": "interval and looksam: a SAM step every k steps",
+    "looksam_alpha": "looksam: weight α of the reused direction",
+    "gsam_alpha": "gsam: weight α of the clean gradient's orthogonal part",
+    "asam_rho": "asam: radius ρ (ASAM needs about 10× SAM's)",
+    "asam_eta": "asam: offset η in T = |x| + η",
   }
   for field, text in variant_help.items():
     default = getattr(defaults, field)
-    parser.add_argument(f"--{field}", type=type(default), default=None,
-                        help=f"{text} (default: {default})")
-  parser.add_argument("--train_examples", type=int, default=None,
-                      help="train on the first N examples of the training split (smoke tests)")
-  parser.add_argument("--seeds", type=int, default=1,
-                      help="run seeds --seed, --seed+1, ... and print mean ± std (default: 1)")
-  parser.add_argument("--eig_iters", type=int, default=defaults.eig_iters,
-                      help="power iterations for the top Hessian eigenvalue, at most")
-  parser.add_argument("--sharpness_rho", type=float, default=None,
-                      help="radius of the ρ-ball sharpness (default: --rho)")
-  parser.add_argument("--sharpness_steps", type=int, default=defaults.sharpness_steps,
-                      help="ascent points of the ρ-ball sharpness")
-  parser.add_argument("--out", default=None, help="write the results (and per-epoch history) as JSON")
-  parser.add_argument("--plot", default="digits.png",
-                      help="write the figure here (PNG; default digits.png; 'none' for no figure)")
+    parser.add_argument(
+      f"--{field}", type=type(default), default=None, help=f"{text} (default: {default})"
+    )
+  parser.add_argument(
+    "--train_examples",
+    type=int,
+    default=None,
+    help="train on the first N examples of the training split (smoke tests)",
+  )
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    default=1,
+    help="run seeds --seed, --seed+1, ... and print mean ± std (default: 1)",
+  )
+  parser.add_argument(
+    "--eig_iters",
+    type=int,
+    default=defaults.eig_iters,
+    help="power iterations for the top Hessian eigenvalue, at most",
+  )
+  parser.add_argument(
+    "--sharpness_rho",
+    type=float,
+    default=None,
+    help="radius of the ρ-ball sharpness (default: --rho)",
+  )
+  parser.add_argument(
+    "--sharpness_steps",
+    type=int,
+    default=defaults.sharpness_steps,
+    help="ascent points of the ρ-ball sharpness",
+  )
+  parser.add_argument(
+    "--out", default=None, help="write the results (and per-epoch history) as JSON"
+  )
+  parser.add_argument(
+    "--plot",
+    default="digits.png",
+    help="write the figure here (PNG; default digits.png; 'none' for no figure)",
+  )
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   try:
@@ -651,10 +746,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if not set(users) & set(names):
       parser.error(f"--{field} applies to {' and '.join(users)}; add it to --optimizers.")
   cfg = dataclasses.replace(
-      defaults, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-      learning_rate=args.lr, rho=args.rho, gamma_b=args.gamma_b,
-      train_examples=args.train_examples, eig_iters=args.eig_iters,
-      sharpness_rho=args.sharpness_rho, sharpness_steps=args.sharpness_steps, **variant_args,
+    defaults,
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    seed=args.seed,
+    learning_rate=args.lr,
+    rho=args.rho,
+    gamma_b=args.gamma_b,
+    train_examples=args.train_examples,
+    eig_iters=args.eig_iters,
+    sharpness_rho=args.sharpness_rho,
+    sharpness_steps=args.sharpness_steps,
+    **variant_args,
   )
   start = time.perf_counter()
   try:
@@ -669,26 +772,38 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if step_costs := format_step_costs(results if summary is None else results[: len(names)]):
     print("\n" + step_costs)
   ball_rho = cfg.rho if cfg.sharpness_rho is None else cfg.sharpness_rho
-  print(f"\n{cfg.epochs} epoch(s) × {results[0]['steps'] // cfg.epochs} steps of batch "
-        f"{cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} "
-        f"{', '.join(map(str, seeds))}{' (mean ± std)' if summary else ''}, ρ = {cfg.rho}, "
-        f"lr = {cfg.learning_rate}; {wall:.1f} s wall on {jax.devices()[0].platform}, "
-        "compilation included.")
-  print(f"λ_max: top Hessian eigenvalue ({cfg.eig_iters} power iterations at most); "
-        f"ρ-sharpness: max over ‖d‖ ≤ {ball_rho} of f(x + d) - f(x) ({cfg.sharpness_steps} "
-        "ascent points); both of the final parameters on the whole training set, batch norm "
-        "in inference mode.")
+  print(
+    f"\n{cfg.epochs} epoch(s) × {results[0]['steps'] // cfg.epochs} steps of batch "
+    f"{cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} "
+    f"{', '.join(map(str, seeds))}{' (mean ± std)' if summary else ''}, ρ = {cfg.rho}, "
+    f"lr = {cfg.learning_rate}; {wall:.1f} s wall on {jax.devices()[0].platform}, "
+    "compilation included."
+  )
+  print(
+    f"λ_max: top Hessian eigenvalue ({cfg.eig_iters} power iterations at most); "
+    f"ρ-sharpness: max over ‖d‖ ≤ {ball_rho} of f(x + d) - f(x) ({cfg.sharpness_steps} "
+    "ascent points); both of the final parameters on the whole training set, batch norm "
+    "in inference mode."
+  )
   if args.plot.lower() != "none":
     print(f"Figure: {os.path.abspath(plot(results, args.plot))}")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({
+      json.dump(
+        {
           "config": dataclasses.asdict(cfg),
           "wall_seconds": wall,
-          "platform": {"jax": jax.__version__, "device": str(jax.devices()[0]),
-                       "python": platform.python_version(), "machine": platform.machine()},
+          "platform": {
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0]),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+          },
           "seeds": seeds,
           "results": results,
           **({"summary": summary} if summary is not None else {}),
-      }, f, indent=2)
+        },
+        f,
+        indent=2,
+      )
   return results

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
   parser.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
-  parser.add_argument("--grace", type=float, default=30,
-                      help="seconds the others get to stop after one process fails")
+  parser.add_argument(
+    "--grace", type=float, default=30, help="seconds the others get to stop after one process fails"
+  )
   parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.py's flags")
   args = parser.parse_args(argv)
   if args.num_processes < 1:
@@ -46,11 +47,23 @@ def main(argv=None) -> int:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "examples.distributed.train", "--coordinator", coordinator,
-           "--num-processes", str(args.num_processes), "--process-id", str(i), *train_args],
-          cwd=ROOT, env=env)
-      for i in range(args.num_processes)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "examples.distributed.train",
+        "--coordinator",
+        coordinator,
+        "--num-processes",
+        str(args.num_processes),
+        "--process-id",
+        str(i),
+        *train_args,
+      ],
+      cwd=ROOT,
+      env=env,
+    )
+    for i in range(args.num_processes)
   ]
   deadline = time.monotonic() + args.timeout
   failed_at = None
@@ -60,8 +73,11 @@ def main(argv=None) -> int:
       if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
         failed_at = now
       if now > deadline or (failed_at is not None and now > failed_at + args.grace):
-        print(f"launch: stopping {sum(p.poll() is None for p in procs)} process(es) still "
-              f"running ({'timeout' if now > deadline else 'after a failure'})", file=sys.stderr)
+        print(
+          f"launch: stopping {sum(p.poll() is None for p in procs)} process(es) still "
+          f"running ({'timeout' if now > deadline else 'after a failure'})",
+          file=sys.stderr,
+        )
         break
       time.sleep(0.1)
   finally:

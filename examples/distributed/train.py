@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--coordinator", default="127.0.0.1:12355", help="host:port of process 0")
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
-  parser.add_argument("--local-devices", type=int, default=1,
-                      help="CPU devices per process (ignored on GPU/TPU)")
+  parser.add_argument(
+    "--local-devices", type=int, default=1, help="CPU devices per process (ignored on GPU/TPU)"
+  )
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--global-batch", type=int, default=64)
   parser.add_argument("--ascent", choices=("sync", "local"), default="sync")
@@ -53,10 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lambd", default="1-1/t", help='a float, "1/t" or "1-1/t"')
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--timeout", type=int, default=60,
-                      help="seconds to wait for all processes to join")
-  parser.add_argument("--heartbeat-timeout", type=int, default=10,
-                      help="seconds without a heartbeat after which a process counts as dead")
+  parser.add_argument(
+    "--timeout", type=int, default=60, help="seconds to wait for all processes to join"
+  )
+  parser.add_argument(
+    "--heartbeat-timeout",
+    type=int,
+    default=10,
+    help="seconds without a heartbeat after which a process counts as dead",
+  )
   parser.add_argument("--out", default=None, help="where process 0 writes the result (.npz)")
   args = parser.parse_args(argv)
   if not 0 <= args.process_id < args.num_processes:
@@ -80,10 +86,10 @@ def make_data(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 def init_params(seed: int) -> dict[str, jax.Array]:
   k1, k2 = jax.random.split(jax.random.key(seed))
   return {
-      "w1": jax.random.normal(k1, (FEATURES, HIDDEN)) / np.sqrt(FEATURES),
-      "b1": jnp.zeros(HIDDEN),
-      "w2": jax.random.normal(k2, (HIDDEN, CLASSES)) / np.sqrt(HIDDEN),
-      "b2": jnp.zeros(CLASSES),
+    "w1": jax.random.normal(k1, (FEATURES, HIDDEN)) / np.sqrt(FEATURES),
+    "b1": jnp.zeros(HIDDEN),
+    "w2": jax.random.normal(k2, (HIDDEN, CLASSES)) / np.sqrt(HIDDEN),
+    "b2": jnp.zeros(CLASSES),
   }
 
 
@@ -116,18 +122,18 @@ def main(argv=None) -> int:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if args.num_processes > 1:
     jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=args.timeout,
-        heartbeat_timeout_seconds=args.heartbeat_timeout,
-        shutdown_timeout_seconds=args.timeout,
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=args.timeout,
+      heartbeat_timeout_seconds=args.heartbeat_timeout,
+      shutdown_timeout_seconds=args.timeout,
     )
   pid, nproc = jax.process_index(), jax.process_count()
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
   if args.global_batch % nproc:
     raise ValueError(
-        f"--global-batch {args.global_batch} is not divisible by the {nproc} processes."
+      f"--global-batch {args.global_batch} is not divisible by the {nproc} processes."
     )
   local_batch = args.global_batch // nproc
 
@@ -143,7 +149,9 @@ def main(argv=None) -> int:
   for t in range(args.steps):
     # This process's slice of global batch t (the same examples in every run).
     lo = t * args.global_batch + pid * local_batch
-    batch = sam_optax.global_batch({"x": x[lo:lo + local_batch], "y": y[lo:lo + local_batch]}, mesh)
+    batch = sam_optax.global_batch(
+      {"x": x[lo : lo + local_batch], "y": y[lo : lo + local_batch]}, mesh
+    )
     params, state, metrics = step(params, state, batch)
     loss = float(metrics["loss"].addressable_data(0))
     losses.append(loss)
@@ -155,8 +163,11 @@ def main(argv=None) -> int:
     for shard in a.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), leaf)
   multihost_utils.assert_equal(host, "replicas differ across processes")
-  print(f"[process {pid}/{nproc}] done: {args.steps} steps in "
-        f"{time.perf_counter() - start:.2f}s, replicas identical", flush=True)
+  print(
+    f"[process {pid}/{nproc}] done: {args.steps} steps in "
+    f"{time.perf_counter() - start:.2f}s, replicas identical",
+    flush=True,
+  )
   if pid == 0 and args.out:
     np.savez(args.out, losses=np.asarray(losses), **{k: v for k, v in host[0].items()})
   return 0

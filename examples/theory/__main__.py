@@ -17,8 +17,8 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 
 def _table(rows) -> str:
   lines = [
-      "| figure | setting | measured | predicted (theory) | note |",
-      "|---|---|---|---|---|",
+    "| figure | setting | measured | predicted (theory) | note |",
+    "|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(f"| {r.figure} | {r.setting} | {r.measured} | {r.predicted} | {r.note} |")
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
   print(table)
   if not args.only:
     header = (
-        "# Measured rates vs theory\n\n"
-        "Written by `python -m examples.theory` (see README.md for the bounds).\n\n"
+      "# Measured rates vs theory\n\n"
+      "Written by `python -m examples.theory` (see README.md for the bounds).\n\n"
     )
     (args.out / "rates.md").write_text(header + table)
   print(f"total: {time.perf_counter() - start:.1f} s")

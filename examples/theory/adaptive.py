@@ -33,7 +33,7 @@ class ScaleByMomentsState(NamedTuple):
 
 
 def scale_by_moments(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12, *, amsgrad: bool = False
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12, *, amsgrad: bool = False
 ) -> optax.GradientTransformation:
   """u = m_t / √v_t (or / √max_{s≤t} v_s with ``amsgrad``), no bias correction.
 
@@ -77,22 +77,22 @@ def scale_by_adagrad_norm(eps: float = 1e-12) -> optax.GradientTransformation:
 
 
 def adasam(
-    learning_rate: float, rho: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12
+  learning_rate: float, rho: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12
 ) -> optax.GradientTransformationExtraArgs:
   """AdaSAM: δ = ρ g/‖g‖ (SAM), x ← x - γ m_t/√v̂_t (AMSGrad, no bias correction)."""
   return sam_optax.sharpness_aware(
-      sam_optax.unified_perturbation(rho=rho, lambd=1.0),
-      optax.chain(scale_by_moments(b1, b2, eps, amsgrad=True), optax.scale(-learning_rate)),
+    sam_optax.unified_perturbation(rho=rho, lambd=1.0),
+    optax.chain(scale_by_moments(b1, b2, eps, amsgrad=True), optax.scale(-learning_rate)),
   )
 
 
 def lightsam(
-    variant: str,
-    learning_rate: float,
-    rho: float,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-12,
+  variant: str,
+  learning_rate: float,
+  rho: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   """LightSAM-I/II/III: the same adaptive scaling in the ascent (×ρ) and the descent (×-η).
 
@@ -101,6 +101,7 @@ def lightsam(
   keep separate accumulators (u_t for the gradient at x, v_t for the gradient
   at the perturbed point).
   """
+
   def scaling():
     if variant == "I":
       return scale_by_adagrad_norm(eps)
@@ -111,16 +112,16 @@ def lightsam(
     raise ValueError(f"`variant` must be 'I', 'II' or 'III', got {variant!r}.")
 
   return sam_optax.sharpness_aware(
-      optax.chain(scaling(), optax.scale(rho)),
-      optax.chain(scaling(), optax.scale(-learning_rate)),
+    optax.chain(scaling(), optax.scale(rho)),
+    optax.chain(scaling(), optax.scale(-learning_rate)),
   )
 
 
 class SASAMState(NamedTuple):
   count: jax.Array
   prev_params: optax.Params
-  eta: jax.Array     # η_{t-1}
-  theta: jax.Array   # θ_{t-1} = η_{t-1}/η_{t-2} (+inf before the second step)
+  eta: jax.Array  # η_{t-1}
+  theta: jax.Array  # θ_{t-1} = η_{t-1}/η_{t-2} (+inf before the second step)
   inner: optax.OptState
 
 
@@ -137,20 +138,20 @@ def sa_sam(eta0: float) -> optax.GradientTransformationExtraArgs:
   ``sharpness_aware(unified_perturbation(λ=1), sgd)`` with (ρ_t, η_t) injected.
   """
   inner = sam_optax.sharpness_aware(
-      optax.inject_hyperparams(sam_optax.unified_perturbation, static_args=("lambd",))(
-          rho=float(eta0) ** 0.5, lambd=1.0
-      ),
-      optax.inject_hyperparams(optax.sgd)(learning_rate=float(eta0)),
+    optax.inject_hyperparams(sam_optax.unified_perturbation, static_args=("lambd",))(
+      rho=float(eta0) ** 0.5, lambd=1.0
+    ),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=float(eta0)),
   )
 
   def init_fn(params):
     dtype = jnp.result_type(*jax.tree.leaves(params))
     return SASAMState(
-        count=jnp.zeros([], jnp.int32),
-        prev_params=params,
-        eta=jnp.asarray(eta0, dtype),
-        theta=jnp.asarray(jnp.inf, dtype),
-        inner=inner.init(params),
+      count=jnp.zeros([], jnp.int32),
+      prev_params=params,
+      eta=jnp.asarray(eta0, dtype),
+      theta=jnp.asarray(jnp.inf, dtype),
+      inner=inner.init(params),
     )
 
   def update_fn(updates, state, params=None, *, value_and_grad_fn=None, **extra_args):
@@ -168,18 +169,18 @@ def sa_sam(eta0: float) -> optax.GradientTransformationExtraArgs:
     pert = pert._replace(hyperparams={**pert.hyperparams, "rho": jnp.sqrt(eta)})
     desc = desc._replace(hyperparams={**desc.hyperparams, "learning_rate": eta})
     new_updates, new_inner = inner.update(
-        updates,
-        sam_optax.SAMState(pert, desc, f_e),
-        params,
-        value_and_grad_fn=value_and_grad_fn,
-        **extra_args,
+      updates,
+      sam_optax.SAMState(pert, desc, f_e),
+      params,
+      value_and_grad_fn=value_and_grad_fn,
+      **extra_args,
     )
     return new_updates, SASAMState(
-        count=optax.safe_increment(state.count),
-        prev_params=params,
-        eta=eta.astype(state.eta.dtype),
-        theta=theta.astype(state.theta.dtype),
-        inner=new_inner,
+      count=optax.safe_increment(state.count),
+      prev_params=params,
+      eta=eta.astype(state.eta.dtype),
+      theta=theta.astype(state.theta.dtype),
+      inner=new_inner,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

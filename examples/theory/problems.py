@@ -39,9 +39,9 @@ class Problem:
   """A finite-sum problem f = (1/n) Σ f_i with exact constants (see module doc)."""
 
   name: str
-  kind: str             # "ridge" or "logistic"
-  A: np.ndarray         # (n, d) data
-  b: np.ndarray         # (n,) targets (ridge) or labels in {-1, +1} (logistic)
+  kind: str  # "ridge" or "logistic"
+  A: np.ndarray  # (n, d) data
+  b: np.ndarray  # (n,) targets (ridge) or labels in {-1, +1} (logistic)
   reg: float
   x_star: np.ndarray
   f_star: float
@@ -113,13 +113,13 @@ def _haar_orthogonal(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def ridge_regression(
-    n: int = 100,
-    d: int = 100,
-    *,
-    cond: float = 10.0,
-    reg: float = 0.0,
-    interpolated: bool = True,
-    seed: int = 0,
+  n: int = 100,
+  d: int = 100,
+  *,
+  cond: float = 10.0,
+  reg: float = 0.0,
+  interpolated: bool = True,
+  seed: int = 0,
 ) -> Problem:
   """Ridge regression with cond(A) = ``cond``, as in the SAM-SPS synthetic experiments.
 
@@ -137,7 +137,7 @@ def ridge_regression(
   if reg < 0:
     raise ValueError(f"`reg` must be >= 0, got {reg}.")
   rng = np.random.default_rng(seed)
-  s = np.geomspace(cond ** -0.5, cond ** 0.5, d)
+  s = np.geomspace(cond**-0.5, cond**0.5, d)
   A = _haar_orthogonal(rng, n, d) * s @ _haar_orthogonal(rng, d, d).T
   if interpolated:
     b = A @ rng.standard_normal(d)
@@ -153,20 +153,20 @@ def ridge_regression(
   # inf_x ½(aᵀx - b)² + (reg/2)‖x‖² = reg b² / (2(‖a‖² + reg)) (0 when reg = 0).
   f_i_inf = reg * b**2 / (2 * (row_sq + reg)) if reg > 0 else np.zeros(n)
   return Problem(
-      name=f"ridge(n={n}, d={d}, cond(A)={cond:g}, reg={reg:g}"
-      + (", interpolated" if interpolated and reg == 0 else "")
-      + ")",
-      kind="ridge",
-      A=A,
-      b=b,
-      reg=float(reg),
-      x_star=x_star,
-      f_star=float(f_star),
-      L=float(eig[-1]),
-      mu=float(eig[0]),
-      L_i=row_sq + reg,
-      f_i_inf=f_i_inf,
-      hessian_eigenvalues=eig,
+    name=f"ridge(n={n}, d={d}, cond(A)={cond:g}, reg={reg:g}"
+    + (", interpolated" if interpolated and reg == 0 else "")
+    + ")",
+    kind="ridge",
+    A=A,
+    b=b,
+    reg=float(reg),
+    x_star=x_star,
+    f_star=float(f_star),
+    L=float(eig[-1]),
+    mu=float(eig[0]),
+    L_i=row_sq + reg,
+    f_i_inf=f_i_inf,
+    hessian_eigenvalues=eig,
   )
 
 
@@ -182,7 +182,7 @@ def _logistic_loss_grad_hess(A, y, reg, x):
 
 
 def logistic_regression(
-    n: int = 200, d: int = 20, *, reg: float | None = None, seed: int = 0
+  n: int = 200, d: int = 20, *, reg: float | None = None, seed: int = 0
 ) -> Problem:
   """L2-regularized logistic regression on Gaussian data (default reg = 1/n).
 
@@ -218,16 +218,16 @@ def logistic_regression(
   alpha = 0.5 * (lo + hi)
   f_i_inf = np.logaddexp(0.0, -alpha * row_sq) + 0.5 * reg * alpha**2 * row_sq
   return Problem(
-      name=f"logistic(n={n}, d={d}, reg={reg:g})",
-      kind="logistic",
-      A=A,
-      b=y,
-      reg=float(reg),
-      x_star=x,
-      f_star=float(f_star),
-      L=float(np.linalg.eigvalsh(A.T @ A / n)[-1] / 4 + reg),
-      mu=float(reg),
-      L_i=row_sq / 4 + reg,
-      f_i_inf=f_i_inf,
-      hessian_eigenvalues=np.linalg.eigvalsh(hess),
+    name=f"logistic(n={n}, d={d}, reg={reg:g})",
+    kind="logistic",
+    A=A,
+    b=y,
+    reg=float(reg),
+    x_star=x,
+    f_star=float(f_star),
+    L=float(np.linalg.eigvalsh(A.T @ A / n)[-1] / 4 + reg),
+    mu=float(reg),
+    L_i=row_sq / 4 + reg,
+    f_i_inf=f_i_inf,
+    hessian_eigenvalues=np.linalg.eigvalsh(hess),
   )

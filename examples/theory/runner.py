@@ -54,15 +54,15 @@ def default_x0(problem: Problem, seed: int = 1) -> np.ndarray:
 
 
 def run(
-    problem: Problem,
-    optimizer: optax.GradientTransformationExtraArgs,
-    sampler: Sampler,
-    *,
-    steps: int,
-    record_every: int = 1,
-    trials: int = 1,
-    seed: int = 0,
-    x0: np.ndarray | None = None,
+  problem: Problem,
+  optimizer: optax.GradientTransformationExtraArgs,
+  sampler: Sampler,
+  *,
+  steps: int,
+  record_every: int = 1,
+  trials: int = 1,
+  seed: int = 0,
+  x0: np.ndarray | None = None,
 ) -> Trace:
   """Runs ``trials`` independent copies of ``steps`` iterations of ``optimizer``.
 
@@ -84,7 +84,7 @@ def run(
     raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
   if not isinstance(record_every, int) or record_every < 1 or steps % record_every:
     raise ValueError(
-        f"`record_every` must be a positive int dividing steps={steps}, got {record_every!r}."
+      f"`record_every` must be a positive int dividing steps={steps}, got {record_every!r}."
     )
   if not isinstance(trials, int) or trials < 1:
     raise ValueError(f"`trials` must be a positive int, got {trials!r}.")
@@ -94,7 +94,7 @@ def run(
   records = steps // record_every
   step = sam_optax.sam_step(problem.loss, optimizer, jit=False, donate=False)
   reports_step_size = "step_size" in jax.eval_shape(
-      lambda x: step(x, optimizer.init(x), sampler(jax.random.PRNGKey(0)))[2], x0
+    lambda x: step(x, optimizer.init(x), sampler(jax.random.PRNGKey(0)))[2], x0
   )
 
   def measure(x):
@@ -113,15 +113,15 @@ def run(
   def single(key):
     keys = jax.random.split(key, steps).reshape(records, record_every, -1)
     _, (gap, grad_sq, gamma, gamma_min, gamma_max) = jax.lax.scan(
-        block, (x0, optimizer.init(x0)), keys
+      block, (x0, optimizer.init(x0)), keys
     )
     gap0, grad_sq0 = measure(x0)
     return (
-        jnp.concatenate([gap0[None], gap]),
-        jnp.concatenate([grad_sq0[None], grad_sq]),
-        gamma,
-        gamma_min,
-        gamma_max,
+      jnp.concatenate([gap0[None], gap]),
+      jnp.concatenate([grad_sq0[None], grad_sq]),
+      gamma,
+      gamma_min,
+      gamma_max,
     )
 
   base = jax.random.PRNGKey(seed)
@@ -129,12 +129,12 @@ def run(
   gap, grad_sq, gamma, gamma_min, gamma_max = jax.jit(jax.vmap(single))(keys)
   to_np = lambda a: np.asarray(a) if reports_step_size else None
   return Trace(
-      t=np.arange(records + 1) * record_every,
-      gap=np.asarray(gap),
-      grad_sq=np.asarray(grad_sq),
-      step_size=to_np(gamma),
-      step_size_min=to_np(gamma_min),
-      step_size_max=to_np(gamma_max),
+    t=np.arange(records + 1) * record_every,
+    gap=np.asarray(gap),
+    grad_sq=np.asarray(grad_sq),
+    step_size=to_np(gamma),
+    step_size_min=to_np(gamma_min),
+    step_size_max=to_np(gamma_max),
   )
 
 

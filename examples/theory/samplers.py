@@ -14,7 +14,8 @@ sampler here is unbiased: E[(1/τ) Σ_j w_j ∇f_{i_j}(x)] = ∇f(x).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,7 @@ def _check_n_tau(n: int, tau: int) -> None:
 def full_batch(n: int) -> Sampler:
   """Every index once with weight 1: the deterministic (full-gradient) method."""
   _check_n_tau(n, n)
+
   def draw(key):
     del key
     return Batch(jnp.arange(n, dtype=jnp.int32), jnp.ones(n))

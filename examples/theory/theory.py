@@ -98,15 +98,15 @@ class RateBound(NamedTuple):
 
 
 def unified_sam_rate_bound(
-    L: float,
-    mu: float,
-    noise: NoiseConstants,
-    gamma: float,
-    rho: float,
-    lambd: float,
-    *,
-    eps: float = 0.5,
-    eta: float = 1.0,
+  L: float,
+  mu: float,
+  noise: NoiseConstants,
+  gamma: float,
+  rho: float,
+  lambd: float,
+  *,
+  eps: float = 0.5,
+  eta: float = 1.0,
 ) -> RateBound:
   """One-step PL bound for constant-step Unified SAM (derived in README.md).
 
@@ -128,7 +128,7 @@ def unified_sam_rate_bound(
   margin = mu * c - K * A
   if c <= 0 or margin <= 0:
     raise ValueError(
-        f"no contraction: μc - KA = {margin:.3g} (c = {c:.3g}) for γ={gamma:.3g}, ρ={rho:.3g}."
+      f"no contraction: μc - KA = {margin:.3g} (c = {c:.3g}) for γ={gamma:.3g}, ρ={rho:.3g}."
     )
   noise_term = K * C + (b**2 * (1 / (2 * eps) + (L * gamma / 2) * (1 + 1 / eta)) if b else 0.0)
   return RateBound(q=max(1.0 - 2 * gamma * margin, 0.0), N=noise_term / (2 * margin))
@@ -163,6 +163,7 @@ def decreasing_schedules(rho: float, gamma: float, mu: float):
   The switch to the O(1/t) regime of Gower et al. (2019) used by the Unified SAM
   reference experiments. Returned as optax schedules of the 0-based count.
   """
+
   # optax passes the int32 step count: go to float first, (t+1)² overflows int32.
   def rho_t(count):
     t = jnp.asarray(count, dtype=float)
@@ -181,6 +182,7 @@ def andriushchenko_decreasing(mu: float, L_max: float):
   γ_t = min((8t+4)/(3μ(t+1)²), 1/(2L_max)), ρ_t = √(γ_t/L_max) (as in the
   SAM-SPS reference experiments).
   """
+
   def gamma_t(count):
     t = jnp.asarray(count, dtype=float)  # (t+1)² overflows int32
     return jnp.minimum((8 * t + 4) / (3 * mu * (t + 1) ** 2), 1 / (2 * L_max))
