@@ -154,6 +154,38 @@ def _hvp_fn(f: Callable[..., jax.Array], params: Any, args: tuple) -> Callable[[
   return hvp
 
 
+def _is_concrete(tree: Any) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _iterate(
+  body: Callable[..., Any],
+  carry: Any,
+  operands: Any,
+  *,
+  until: Callable[..., Any],
+  trips: int | None = None,
+) -> Any:
+  """Runs ``carry = body(operands, carry)`` until ``until(carry)`` (or ``trips`` times).
+
+  Called with concrete values, the loop runs on the host around one compiled
+  ``body``: XLA:CPU runs convolutions inside a ``while``/``fori`` loop body far
+  slower than at top level (as inside ``lax.cond``, jax-ml/jax#12868), which made
+  the diagnostics of a small CNN cost ~10x their arithmetic. Under a trace
+  (inside ``jit``) it is a ``lax.while_loop``; both compute the same values.
+  """
+  if _is_concrete((carry, operands)):
+    step = jax.jit(body)
+    for _ in range(trips) if trips is not None else iter(int, 1):
+      if trips is None and bool(until(carry)):
+        break
+      carry = step(operands, carry)
+    return carry
+  if trips is not None:
+    return jax.lax.fori_loop(0, trips, lambda i, c: body(operands, c), carry)
+  return jax.lax.while_loop(lambda c: jnp.logical_not(until(c)), lambda c: body(operands, c), carry)
+
+
 def _split_groups(x: jax.Array, groups: int) -> jax.Array:
   """[B, ...] -> [groups, B / groups, ...], keeping an Explicit mesh sharding of the batch
   axis on the examples of each group when they divide evenly over its devices; otherwise
@@ -252,7 +284,7 @@ def top_hessian_eigenvalue(
   _check_float("tol", tol)
   _check_params(params)
   dtype = accumulation_dtype(params)
-  hvp = _hvp_fn(_scalar_loss(loss_fn, has_aux), params, args)
+  f = _scalar_loss(loss_fn, has_aux)
 
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(_default_key(key), len(leaves))
@@ -261,13 +293,14 @@ def top_hessian_eigenvalue(
   )
   v0 = _normalized(v0, _norm(v0, dtype))
 
-  def cond(carry):
+  def until(carry):
     k, _, _, done = carry
-    return jnp.logical_and(k < num_iters, jnp.logical_not(done))
+    return jnp.logical_or(k >= num_iters, done)
 
-  def body(carry):
+  def body(operands, carry):
+    p, a = operands
     k, v, lam_prev, _ = carry
-    hv = hvp(v)
+    hv = _hvp_fn(f, p, a)(v)
     lam = _vdot(v, hv, dtype)
     hv_norm = _norm(hv, dtype)
     # A zero product (zero Hessian, or v in its null space) ends the iteration at λ = 0.
@@ -277,7 +310,7 @@ def top_hessian_eigenvalue(
     return k + 1, v_next, lam, done
 
   init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], dtype), jnp.zeros([], bool))
-  _, _, lam, _ = jax.lax.while_loop(cond, body, init)
+  _, _, lam, _ = _iterate(body, init, (params, args), until=until)
   return lam
 
 
@@ -332,18 +365,21 @@ def hessian_trace(
   num_samples = _check_int("num_samples", num_samples, 1)
   _check_params(params)
   dtype = accumulation_dtype(params)
-  hvp = _hvp_fn(_scalar_loss(loss_fn, has_aux), params, args)
+  f = _scalar_loss(loss_fn, has_aux)
   leaves, treedef = jax.tree.flatten(params)
   key = _default_key(key)
 
-  def body(s, total):
+  def body(operands, carry):
+    p, a = operands
+    s, total = carry
     keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
     z = treedef.unflatten(
       [jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
     )
-    return total + _vdot(z, hvp(z), dtype)
+    return s + 1, total + _vdot(z, _hvp_fn(f, p, a)(z), dtype)
 
-  total = jax.lax.fori_loop(0, num_samples, body, jnp.zeros([], dtype))
+  init = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype))
+  _, total = _iterate(body, init, (params, args), until=None, trips=num_samples)
   return total / num_samples
 
 
@@ -466,7 +502,8 @@ def worst_case_sharpness(
       return _scale(u, shrink), best
 
     # The last iterate's gradient is not needed: evaluate its value alone.
-    u, best = jax.lax.fori_loop(0, num_steps - 1, body, (u, jnp.zeros([], dtype)))
+    # Unrolled: a few steps, and XLA:CPU is slow on convolutions inside loop bodies.
+    u, best = jax.lax.fori_loop(0, num_steps - 1, body, (u, jnp.zeros([], dtype)), unroll=True)
     value = f(jax.tree.map(jnp.add, params, to_d(u)), *fargs)
     return jnp.maximum(best, value.astype(dtype) - loss)
 
