@@ -111,11 +111,11 @@ def test_one_step_smoke(name, data_dir):
     assert sam_optax.find_state(state["opt_state"], sam_optax.SAMState) is None
   else:
     pert = sam_optax.find_state(state["opt_state"], sam_optax.UnifiedPerturbationState)
-    assert float(pert.rho) == pytest.approx(paper.rho)
+    assert float(pert.rho_t) == pytest.approx(paper.rho)
     lam = train.parse_lambda(paper.lambd)
     # Step t = 1: "1/t" is SAM (λ=1), "1-1/t" is USAM (λ=0).
     expected = {"1/t": 1.0, "1-1/t": 0.0}.get(lam, lam)
-    assert float(pert.lambd) == pytest.approx(expected)
+    assert float(pert.lambda_t) == pytest.approx(expected)
     assert float(pert.grad_norm) > 0
   # The epoch sums restart at step 0 and hold exactly one batch.
   assert float(state["sums"]["count"]) == config.batch_size

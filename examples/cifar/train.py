@@ -113,15 +113,17 @@ def make_train_step(
       state["batch_stats"],
       jax.random.fold_in(key, step),
     )
+    # sam_step skips a non-finite step; the trainer reports it as a NaN loss and stops.
+    loss = jnp.where(metrics["finite"], metrics["loss"], jnp.nan)
     rate = metrics["step_size"] if optimizer.rate == "step_size" else schedule(step)
     lr = jnp.asarray(rate, jnp.float32)
     n = batch["label"].shape[0]
     correct = jnp.round(aux["correct"] * groups)  # sam_step returns the groups' mean
     new = {
-      "loss": metrics["loss"] * n,
+      "loss": loss * n,
       "correct": correct,
       "count": n,
-      "perturbed_loss": metrics.get("perturbed_loss", metrics["loss"]) * n,
+      "perturbed_loss": metrics.get("perturbed_loss", loss) * n,
       "sharpness": metrics.get("sharpness", 0.0) * n,
       "grad_norm": metrics["grad_norm"] * n,
       "lr": lr * n,
@@ -138,7 +140,7 @@ def make_train_step(
       "batch_stats": aux["batch_stats"],
       "sums": sums,
     }
-    return state, {"loss": metrics["loss"], "accuracy": correct / n, "lr": lr}
+    return state, {"loss": loss, "accuracy": correct / n, "lr": lr}
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(
@@ -658,10 +660,12 @@ def checkpoint_metadata(config, num_classes: int) -> dict[str, Any]:
 
 def save_checkpoint(manager, step: int, state, metadata) -> bool:
   """Saves unless ``step`` is already on disk (orbax never overwrites); never a non-finite state."""
-  floats = [x for x in jax.tree.leaves(state["params"]) if jnp.issubdtype(x.dtype, jnp.floating)]
+  # The epoch sums hold a NaN loss for a step that sam_step skipped as non-finite.
+  tree = (state["params"], state.get("sums", {}))
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   if not all(bool(jnp.isfinite(x).all()) for x in floats):
     raise FloatingPointError(
-      f"parameters are not finite at step {step}; not saving a checkpoint (the last good "
+      f"parameters or losses are not finite at step {step}; not saving a checkpoint (the last good "
       f"one, step {manager.latest_step()}, is kept in {manager.directory})"
     )
   return manager.save(step, args=ocp.args.StandardSave(state), custom_metadata=metadata)
