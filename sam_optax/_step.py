@@ -311,6 +311,10 @@ def sam_step(
 
   @functools.wraps(compiled)
   def dispatch(params, opt_state, batch, *args):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state)):
+      # Traced by an enclosing transform (pmap, jit, vmap): the counter is not on the
+      # host, so the single program selects the passes.
+      return compiled(params, opt_state, batch, *args)
     key = jax.tree.structure(opt_state)
     if key not in plans:
       # One trace (no compilation) finds the component that selects its passes.
