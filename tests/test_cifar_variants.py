@@ -246,7 +246,10 @@ def test_resume_with_another_state_layout_is_a_clear_error(tmp_path):
     (dict(gsam_alpha=-1.0), "`alpha` must be >= 0.0, got -1.0"),
     (dict(asam_mask="kernels"), "`mask` selects the leaves that ASAM scales and needs adaptive"),
     (dict(adaptive=True, eta=-0.01), "`eta` must be >= 0.0"),
-    (dict(m_sharpness=4, optimizer="sam_sps"), "m-sharpness.*not supported with the Polyak step size"),
+    (
+      dict(m_sharpness=4, optimizer="sam_sps"),
+      "m-sharpness.*not supported with the Polyak step size",
+    ),
     (dict(m_sharpness=4, sam_every=2), "m-sharpness.*not supported with interval_sam"),
     (dict(m_sharpness=4, gsam_alpha=0.1), "m-sharpness.*not supported with gsam"),
   ],
