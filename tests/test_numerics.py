@@ -1,4 +1,4 @@
-"""Non-finite and extreme values (SEMANTICS §8), in float32, bfloat16, float16 and float64.
+"""Non-finite and extreme values (docs/contract.md §8), in float32, bfloat16, float16 and float64.
 
 Each test pins the value after the fix; the comment ``before:`` records what the
 code computed before issue 12 (measured on commit d0830e4).
