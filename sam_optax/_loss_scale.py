@@ -88,11 +88,9 @@ def dynamic_loss_scale(
     "min_scale", min_scale, low=0.0, low_open=True, allow_schedule=False
   )
   # Concrete values are checked here; traced ones (optax.inject_hyperparams) are not.
-  if _common.is_concrete_number(growth_interval) and (
-    int(growth_interval) != growth_interval or growth_interval < 1
-  ):
-    raise ValueError(f"`growth_interval` must be a positive int, got {growth_interval!r}.")
   _common.check_scalar_hyperparam("growth_interval", growth_interval, low=1.0, allow_schedule=False)
+  if _common.is_concrete_number(growth_interval) and int(growth_interval) != growth_interval:
+    raise ValueError(f"`growth_interval` must be a positive int, got {growth_interval!r}.")
   _common.check_scalar_hyperparam(
     "growth_factor", growth_factor, low=1.0, low_open=True, allow_schedule=False
   )

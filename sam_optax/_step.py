@@ -296,33 +296,35 @@ def sam_step(
   if not jit:
     return step
   donate_argnums = (0, 1) if donate else ()
-  compiled = jax.jit(step, donate_argnums=donate_argnums)
   if host_dispatch is None:
     use_host = jax.default_backend() == "cpu"
   else:
     use_host = bool(host_dispatch)
   if not use_host:
-    return compiled
+    return jax.jit(step, donate_argnums=donate_argnums)
+
+  # The single program records, while it is traced, the components that could select
+  # their passes on the host; when there is exactly one, the later steps run one
+  # program per kind of step, chosen from the state's counter.
+  found: list = []
+
+  def recording_step(*call_args):
+    found.clear()
+    return step(*call_args, discovered=found)
+
+  compiled = jax.jit(recording_step, donate_argnums=donate_argnums)
   by_kind = {
     kind: jax.jit(functools.partial(step, perturb=kind), donate_argnums=donate_argnums)
     for kind in (True, False)
   }
-  plans: dict[Any, Any] = {}
 
-  @functools.wraps(compiled)
+  @functools.wraps(step)
   def dispatch(params, opt_state, batch, *args):
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state)):
-      # Traced by an enclosing transform (pmap, jit, vmap): the counter is not on the
-      # host, so the single program selects the passes.
-      return compiled(params, opt_state, batch, *args)
-    key = jax.tree.structure(opt_state)
-    if key not in plans:
-      # One trace (no compilation) finds the component that selects its passes.
-      found: list = []
-      jax.eval_shape(functools.partial(step, discovered=found), params, opt_state, batch, *args)
-      plans[key] = found[0] if len(found) == 1 else None
-    plan = plans[key]
-    if plan is None:
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state))
+    plan = found[0] if len(found) == 1 else None
+    if traced or plan is None:
+      # The first call, an optimizer without pass selection, or a trace by an
+      # enclosing transform (pmap, jit): the single program selects with lax.cond.
       return compiled(params, opt_state, batch, *args)
     path, select = plan
     return by_kind[bool(select(_protocol.node_at(opt_state, path)))](
@@ -332,6 +334,12 @@ def sam_step(
   # AOT and shape queries see the single-program (lax.cond) form.
   dispatch.lower = compiled.lower
   dispatch.eval_shape = compiled.eval_shape
+  dispatch._cache_size = lambda: (
+    compiled._cache_size()
+    + sum(  # noqa: SLF001
+      f._cache_size() for f in by_kind.values()
+    )
+  )
   return dispatch
 
 

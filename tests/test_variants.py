@@ -548,9 +548,10 @@ def test_host_dispatch_equals_the_cond_program_and_compiles_each_kind_once(make)
   for (ph, sh, mh, _), (pc, sc, mc, _) in zip(host, cond):
     _assert_trees_allclose((ph, sh), (pc, sc))
     assert float(mh["perturbed_loss"]) == pytest.approx(float(mc["perturbed_loss"]), rel=1e-6)
-  # Steps 1 (SAM) and 2 (skipped) compiled one program each; steps 3-7 traced nothing.
-  assert host[1][3] > host[0][3] > 0
-  assert host[-1][3] == host[1][3]
+  # Step 1 runs the single program (which finds the selector), steps 2 (skipped) and 4
+  # (SAM) compile one program per kind; from then on nothing is traced again.
+  assert host[3][3] > host[1][3] > host[0][3] > 0
+  assert host[-1][3] == host[3][3]
 
 
 def test_host_dispatch_resumes_mid_cycle_like_an_uninterrupted_run():
