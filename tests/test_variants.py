@@ -388,7 +388,8 @@ def test_no_recompilation_after_the_first_step(name):
     return quadratic(params, batch)
 
   opt = OPTIONS[name]()
-  step = sam_optax.sam_step(loss, opt)  # donating, as in training
+  # One program (host_dispatch=False); the host-dispatched kinds: test_host_dispatch_*.
+  step = sam_optax.sam_step(loss, opt, host_dispatch=False)  # donating, as in training
   params = to_params(X0, jnp.float32)
   # Fresh buffers: unified_perturbation's init shares one zero among three leaves,
   # which a donating step rejects once dynamic_loss_scale reads the old state.
