@@ -18,6 +18,7 @@ except ImportError as e:  # flax is an optional dependency of sam_optax
   raise ImportError('sam_optax.nnx needs flax: pip install "sam-optax[flax]".') from e
 
 import sam_optax
+from sam_optax import _step
 
 __all__ = ("sam_step",)
 
@@ -181,19 +182,4 @@ def sam_step(
   return compiled_step
 
 
-def _split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
-  if has_aux:
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-      raise TypeError(
-        f"`loss_fn` with has_aux=True must return a pair (loss, aux); got {type(out).__name__}."
-      )
-    loss, aux = out
-  else:
-    loss, aux = out, None
-  shape = getattr(loss, "shape", None)
-  if shape is None or tuple(shape) != ():
-    hint = " (did you mean has_aux=True?)" if isinstance(out, (tuple, list)) else ""
-    raise TypeError(
-      f"`loss_fn` must return a scalar loss{hint}; got {type(loss).__name__} with shape {shape}."
-    )
-  return loss, aux
+_split_loss = _step._split_loss  # one check of what loss_fn returns, shared with sam_step
