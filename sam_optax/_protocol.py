@@ -192,3 +192,18 @@ def all_finite(tree: Any) -> jax.Array:
   """Whether every floating-point leaf of ``tree`` is finite (True for no such leaf)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if is_floating(x)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def stays_finite(old: Any, new: Any) -> jax.Array:
+  """Whether no floating-point entry that is finite in ``old`` is non-finite in ``new``.
+
+  A state may hold non-finite values on purpose (an ``inf`` sentinel before the
+  first step, a loss that is ``nan`` until measured); those do not count, only a
+  finite value that a step turned non-finite does.
+  """
+  leaves = [
+    jnp.all(jnp.isfinite(b) | ~jnp.isfinite(a))
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
+    if is_floating(b)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

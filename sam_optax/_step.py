@@ -72,8 +72,8 @@ def sam_step(
   comes from the clean pass; the perturbed pass's aux is discarded.
 
   ``metrics`` holds arrays: ``loss`` f(x), ``grad_norm`` ‖g‖, ``finite`` (False
-  when the clean loss or gradient, the perturbed loss, the update or the new
-  state was not finite), and what the optimizer's states report: ``perturbed_loss``
+  when the clean loss or gradient, the perturbed loss or the update was not
+  finite, or a finite state entry turned non-finite), and what the optimizer's states report: ``perturbed_loss``
   f(e) and ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and
   ``rho`` ρ_t (:func:`unified_perturbation`), ``step_size`` γ_t (SAM-SPS),
   ``loss_scale`` and ``skipped`` (:func:`dynamic_loss_scale`).
@@ -86,7 +86,9 @@ def sam_step(
   that says where the transform goes (the README's "Composing with optax").
 
   Non-finite steps. With ``skip_nonfinite=True`` (default) the step never
-  applies a non-finite update or optimizer state: the whole step is skipped
+  applies a non-finite update or turns a finite entry of the optimizer state
+  non-finite (an ``inf`` the state holds on purpose, such as a sentinel before
+  the first step, does not count): the whole step is skipped
   (parameters and state, counters included, unchanged) and ``finite`` is False.
   A non-finite clean pass makes δ and so the perturbed pass non-finite, so both
   passes are covered. ``optax.apply_if_finite(opt)`` composes with it: it skips
@@ -145,7 +147,8 @@ def sam_step(
       shared by all groups. The batch size must be divisible by ``groups``.
     microbatches: split each pass over this many equal micro-batches (exact
       gradient accumulation); the batch (per group) must be divisible by it.
-    skip_nonfinite: skip a step whose update or new state is not finite (see
+    skip_nonfinite: skip a step whose update is not finite or that turns a finite
+      state entry non-finite (see
       "Non-finite steps").
     jit: compile the step with ``jax.jit``.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
@@ -253,10 +256,11 @@ def sam_step(
     new_params = optax.apply_updates(params, updates)
     metrics = _metrics(loss, grads, new_opt_state, loss_scale)
     if skip_nonfinite:
-      # Never apply a non-finite update or state: the whole step is skipped (counters
-      # included), on every replica alike. Selecting after the update keeps finite
-      # steps bit for bit.
-      ok = _all(_protocol.all_finite(updates) & _protocol.all_finite(new_opt_state), data_axes)
+      # Never apply a non-finite update or turn a finite state entry non-finite: the
+      # whole step is skipped (counters included), on every replica alike. Selecting
+      # after the update keeps finite steps bit for bit.
+      ok = _protocol.all_finite(updates) & _protocol.stays_finite(opt_state, new_opt_state)
+      ok = _all(ok, data_axes)
       new_params = _select(ok, new_params, params)
       new_opt_state = _select(ok, new_opt_state, opt_state)
       metrics["finite"] = metrics["finite"] & ok

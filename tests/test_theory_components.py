@@ -364,12 +364,7 @@ def _oracle(method, p, x, batches, eps=1e-12, b1=0.9, b2=0.999):
     "lightsam-I",
     "lightsam-II",
     "lightsam-III",
-    pytest.param(
-      "sa-sam",
-      marks=pytest.mark.xfail(
-        strict=False, reason="SA-SAM differs after the composition rewrite; to investigate"
-      ),
-    ),
+    "sa-sam",
   ],
 )
 def test_adaptive_baselines_follow_the_papers_rules(method):
