@@ -1,43 +1,28 @@
-"""unified_sam / sam_sps / sharpness_aware / sam_step: invariants of docs/contract.md §2, §4, §6."""
+"""unified_sam / sam_sps / sharpness_aware: descent, Polyak step (docs/contract.md §2, §3, §6, §7).
+
+The step driver itself (metrics, donation, tracing, dtypes, its errors) is tests/test_step.py;
+dynamic_loss_scale is tests/test_loss_scale.py.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import serialization
 
 import sam_optax
 
+from helpers import BATCH
+from helpers import PARAMS
 from helpers import assert_trees_close
 from helpers import assert_trees_equal
-
-RNG = np.random.default_rng(0)
-A = jnp.asarray(RNG.normal(size=(16, 5)), jnp.float32)
-Y = jnp.asarray(RNG.normal(size=(16,)), jnp.float32)
-BATCH = (A, Y)
-PARAMS = {"w": jnp.asarray(RNG.normal(size=(5,)), jnp.float32), "b": jnp.asarray(0.3, jnp.float32)}
-
-
-def loss_fn(params, batch):
-  a, y = batch
-  pred = jnp.tanh(a @ params["w"] + params["b"])
-  return 0.5 * jnp.mean((pred - y) ** 2)
+from helpers import loss_fn
+from helpers import run
 
 
 def sgd_torch_like(lr, momentum=0.0, wd=0.0):
   """PyTorch's SGD(lr, momentum, weight_decay) in optax (docs/contract.md §2)."""
   return optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=momentum), optax.scale(-lr))
-
-
-def run(opt, steps=5, params=PARAMS, loss=loss_fn, batch=BATCH):
-  step = sam_optax.sam_step(loss, opt, donate=False)
-  state = opt.init(params)
-  history = []
-  for _ in range(steps):
-    params, state, metrics = step(params, state, batch)
-    history.append(metrics)
-  return params, state, history
 
 
 def hand_written_sam(base, rho, lambd, steps=5, eps=1e-12):
@@ -102,23 +87,6 @@ def test_first_steps_of_schedules_equal_constant_lambda():
   assert_trees_equal(one("1-1/t"), one(0.0))
 
 
-def test_sam_step_metrics():
-  opt = sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd="1-1/t")
-  _, _, hist = run(opt, steps=2)
-  m = hist[1]
-  assert set(m) == {"loss", "perturbed_loss", "sharpness", "grad_norm", "lambda", "rho", "finite"}
-  assert float(m["lambda"]) == pytest.approx(0.5)
-  assert float(m["rho"]) == pytest.approx(0.1)
-  assert float(m["sharpness"]) == pytest.approx(float(m["perturbed_loss"] - m["loss"]))
-  assert float(m["sharpness"]) > 0  # ascent increases the loss on this problem
-  # the reported clean loss and gradient norm are those at the step's starting point
-  p1 = run(opt, steps=1)[0]
-  assert float(m["loss"]) == pytest.approx(float(loss_fn(p1, BATCH)), rel=1e-6)
-  assert float(m["grad_norm"]) == pytest.approx(
-    float(optax.tree.norm(jax.grad(loss_fn)(p1, BATCH))), rel=1e-5
-  )
-
-
 def test_sam_sps_step_size_reported_and_matches_formula():
   opt = sam_optax.sam_sps(rho=0.05, lambd=1.0, f_star=0.0, gamma_b=5.0, weight_decay=0.0)
   params, state, hist = run(opt, steps=1)
@@ -140,17 +108,6 @@ def test_sam_sps_rho_zero_is_sps_max():
   _, _, hist = run(opt, steps=1)
   f, g = jax.value_and_grad(loss_fn)(PARAMS, BATCH)
   assert float(hist[0]["step_size"]) == pytest.approx(float(f / optax.tree.norm(g) ** 2), rel=1e-5)
-
-
-def test_plain_optax_loop_equals_sam_step():
-  opt = sam_optax.sam_sps(rho=0.1, lambd=0.5, weight_decay=5e-4)
-  ours, _, _ = run(opt, steps=3)
-  p, s = PARAMS, opt.init(PARAMS)
-  for _ in range(3):
-    g = jax.grad(loss_fn)(p, BATCH)
-    u, s = opt.update(g, s, p, value_and_grad_fn=lambda q: jax.value_and_grad(loss_fn)(q, BATCH))
-    p = optax.apply_updates(p, u)
-  assert_trees_close(ours, p)
 
 
 def test_inject_hyperparams_traced_rho_and_lambda():
@@ -199,23 +156,6 @@ def test_partitioned_base_optimizer():
   assert not np.allclose(params["w"], PARAMS["w"])
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_dtypes_preserved_through_sam_step(dtype):
-  params = {"w": PARAMS["w"].astype(dtype), "b": PARAMS["b"].astype(jnp.float32)}  # mixed pytree
-
-  def loss(p, batch):
-    a, y = batch
-    pred = jnp.tanh(a.astype(dtype) @ p["w"]).astype(jnp.float32) + p["b"]
-    return 0.5 * jnp.mean((pred - y) ** 2)
-
-  for opt in [sam_optax.unified_sam(optax.sgd(0.1, 0.9), 0.05, "1-1/t"), sam_optax.sam_sps(0.05)]:
-    p, state, hist = run(opt, steps=3, params=params, loss=loss)
-    assert p["w"].dtype == dtype and p["b"].dtype == jnp.float32
-    assert hist[-1]["grad_norm"].dtype == jnp.float32
-    assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
-    assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves((p, state)))
-
-
 def test_float64_params(x64):
   params = jax.tree.map(lambda x: x.astype(jnp.float64), PARAMS)
   batch = jax.tree.map(lambda x: x.astype(jnp.float64), BATCH)
@@ -235,82 +175,39 @@ def test_zero_gradient_loss_gives_finite_steps(name):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((p, state, hist)))
 
 
-def test_checkpoint_round_trip_continues_bit_identically():
-  opt = sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, lambd="1-1/t")
-  step = sam_optax.sam_step(loss_fn, opt, donate=False)
-  p, s = PARAMS, opt.init(PARAMS)
-  for _ in range(3):
-    p, s, _ = step(p, s, BATCH)
-  blob = serialization.to_bytes({"params": p, "opt_state": s})
-  restored = serialization.from_bytes({"params": PARAMS, "opt_state": opt.init(PARAMS)}, blob)
-  p2, s2 = restored["params"], restored["opt_state"]
-  for _ in range(3):
-    p, s, _ = step(p, s, BATCH)
-    p2, s2, _ = step(p2, s2, BATCH)
-  assert_trees_equal((p, s), (p2, s2))
-  assert int(sam_optax.find_state(s2, sam_optax.UnifiedPerturbationState).count) == 6
-
-
-def test_donation_by_default_consumes_inputs():
-  opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05)
-  step = sam_optax.sam_step(loss_fn, opt)
-  params = jax.tree.map(jnp.array, PARAMS)
-  new, _, _ = step(params, opt.init(params), BATCH)
-  assert params["w"].is_deleted() and not new["w"].is_deleted()
-
-
-def test_bad_inputs():
-  opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05)
-  vector_loss = lambda p, batch: (batch[0] @ p["w"]) ** 2
-  with pytest.raises(TypeError, match="must return a scalar loss"):
-    sam_optax.sam_step(vector_loss, opt, donate=False)(PARAMS, opt.init(PARAMS), BATCH)
-  pair_loss = lambda p, batch: (loss_fn(p, batch), 1.0)
-  with pytest.raises(TypeError, match="did you mean has_aux=True"):
-    sam_optax.sam_step(pair_loss, opt, donate=False)(PARAMS, opt.init(PARAMS), BATCH)
-  with pytest.raises(TypeError, match=r"must return a pair \(loss, aux\)"):
-    sam_optax.sam_step(loss_fn, opt, has_aux=True, donate=False)(PARAMS, opt.init(PARAMS), BATCH)
-  with pytest.raises(ValueError, match="value_and_grad_fn"):
-    opt.update(PARAMS, opt.init(PARAMS), PARAMS)
-  with pytest.raises(ValueError, match="`ascent` must be one of"):
-    sam_optax.sam_step(loss_fn, opt, ascent="async")
-  with pytest.raises(ValueError, match="`base_optimizer` must be an optax"):
-    sam_optax.unified_sam(0.1)
-  with pytest.raises(ValueError, match="`lambd`"):
-    sam_optax.unified_sam(optax.sgd(0.1), lambd="1/t2")
-  with pytest.raises(ValueError, match="`gamma_b` must be > 0"):
-    sam_optax.sam_sps(gamma_b=0.0)
-  with pytest.raises(ValueError, match="`rho` must be >= 0"):
-    sam_optax.sam_sps(rho=-1.0)
-
-
-def test_each_pass_traces_the_loss_once_and_no_recompilation():
-  calls = []
-
-  def counted(params, batch):
-    calls.append(1)
-    return loss_fn(params, batch)
-
-  for opt in [sam_optax.unified_sam(optax.sgd(0.1, 0.9), 0.05, "1-1/t"), sam_optax.sam_sps(0.05)]:
-    calls.clear()
-    step = sam_optax.sam_step(counted, opt, donate=False)
-    p, s = PARAMS, opt.init(PARAMS)
-    for _ in range(4):
-      p, s, _ = step(p, s, BATCH)
-    assert len(calls) == 2  # one clean and one perturbed forward+backward, traced once
-    assert step._cache_size() == 1  # no recompilation across steps
-
-
-def test_donated_state_with_loss_scale_and_asam_mask_passthrough():
-  # each state field owns its buffer, so the default donate=True works on a fresh state
-  opt = sam_optax.dynamic_loss_scale(sam_optax.unified_sam(optax.sgd(0.1), 0.05))
-  params = jax.tree.map(jnp.array, PARAMS)
-  p, s, m = sam_optax.sam_step(loss_fn, opt)(params, opt.init(params), BATCH)
-  assert not bool(m["skipped"])
+def test_asam_mask_passes_through_unified_sam():
   kernels = {"w": True, "b": False}
   masked = sam_optax.unified_sam(optax.sgd(0.1), 0.5, 1.0, adaptive=True, mask=kernels)
   composed = sam_optax.sharpness_aware(
     sam_optax.unified_perturbation(0.5, 1.0, adaptive=True, mask=kernels), optax.sgd(0.1)
   )
   assert_trees_equal(run(masked, steps=2)[0], run(composed, steps=2)[0])
-  with pytest.raises(ValueError, match="needs adaptive=True"):
-    sam_optax.sam_sps(mask=kernels)
+
+
+def test_update_without_value_and_grad_fn_is_refused():
+  opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05)
+  with pytest.raises(ValueError, match="value_and_grad_fn"):
+    opt.update(PARAMS, opt.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize(
+  "build, match",
+  [
+    pytest.param(
+      lambda: sam_optax.unified_sam(0.1), "`base_optimizer` must be an optax", id="base"
+    ),
+    pytest.param(
+      lambda: sam_optax.unified_sam(optax.sgd(0.1), lambd="1/t2"), "`lambd`", id="lambd_name"
+    ),
+    pytest.param(lambda: sam_optax.sam_sps(gamma_b=0.0), "`gamma_b` must be > 0", id="gamma_b"),
+    pytest.param(lambda: sam_optax.sam_sps(rho=-1.0), "`rho` must be >= 0", id="negative_rho"),
+    pytest.param(
+      lambda: sam_optax.sam_sps(mask={"w": True, "b": False}),
+      "needs adaptive=True",
+      id="mask_without_adaptive",
+    ),
+  ],
+)
+def test_constructor_rejects_bad_arguments(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()

@@ -1,0 +1,150 @@
+"""sam_step: passes, metrics, donation, tracing, dtypes, errors (docs/contract.md §4, §6).
+
+The optimizers' own math is tests/test_sam.py; dynamic_loss_scale is tests/test_loss_scale.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+import sam_optax
+
+from helpers import BATCH
+from helpers import PARAMS
+from helpers import assert_trees_close
+from helpers import assert_trees_equal
+from helpers import loss_fn
+from helpers import run
+
+
+def test_sam_step_metrics():
+  opt = sam_optax.unified_sam(optax.sgd(0.1), rho=0.1, lambd="1-1/t")
+  _, _, hist = run(opt, steps=2)
+  m = hist[1]
+  assert set(m) == {"loss", "perturbed_loss", "sharpness", "grad_norm", "lambda", "rho", "finite"}
+  assert float(m["lambda"]) == pytest.approx(0.5)
+  assert float(m["rho"]) == pytest.approx(0.1)
+  assert float(m["sharpness"]) == pytest.approx(float(m["perturbed_loss"] - m["loss"]))
+  assert float(m["sharpness"]) > 0  # ascent increases the loss on this problem
+  # the reported clean loss and gradient norm are those at the step's starting point
+  p1 = run(opt, steps=1)[0]
+  assert float(m["loss"]) == pytest.approx(float(loss_fn(p1, BATCH)), rel=1e-6)
+  assert float(m["grad_norm"]) == pytest.approx(
+    float(optax.tree.norm(jax.grad(loss_fn)(p1, BATCH))), rel=1e-5
+  )
+
+
+def test_plain_optax_loop_equals_sam_step():
+  opt = sam_optax.sam_sps(rho=0.1, lambd=0.5, weight_decay=5e-4)
+  ours, _, _ = run(opt, steps=3)
+  p, s = PARAMS, opt.init(PARAMS)
+  for _ in range(3):
+    g = jax.grad(loss_fn)(p, BATCH)
+    u, s = opt.update(g, s, p, value_and_grad_fn=lambda q: jax.value_and_grad(loss_fn)(q, BATCH))
+    p = optax.apply_updates(p, u)
+  assert_trees_close(ours, p)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dtypes_preserved_through_sam_step(dtype):
+  params = {"w": PARAMS["w"].astype(dtype), "b": PARAMS["b"].astype(jnp.float32)}  # mixed pytree
+
+  def loss(p, batch):
+    a, y = batch
+    pred = jnp.tanh(a.astype(dtype) @ p["w"]).astype(jnp.float32) + p["b"]
+    return 0.5 * jnp.mean((pred - y) ** 2)
+
+  for opt in [sam_optax.unified_sam(optax.sgd(0.1, 0.9), 0.05, "1-1/t"), sam_optax.sam_sps(0.05)]:
+    p, state, hist = run(opt, steps=3, params=params, loss=loss)
+    assert p["w"].dtype == dtype and p["b"].dtype == jnp.float32
+    assert hist[-1]["grad_norm"].dtype == jnp.float32
+    assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves((p, state)))
+
+
+def test_checkpoint_round_trip_continues_bit_identically():
+  opt = sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=0.05, lambd="1-1/t")
+  step = sam_optax.sam_step(loss_fn, opt, donate=False)
+  p, s = PARAMS, opt.init(PARAMS)
+  for _ in range(3):
+    p, s, _ = step(p, s, BATCH)
+  blob = serialization.to_bytes({"params": p, "opt_state": s})
+  restored = serialization.from_bytes({"params": PARAMS, "opt_state": opt.init(PARAMS)}, blob)
+  p2, s2 = restored["params"], restored["opt_state"]
+  for _ in range(3):
+    p, s, _ = step(p, s, BATCH)
+    p2, s2, _ = step(p2, s2, BATCH)
+  assert_trees_equal((p, s), (p2, s2))
+  assert int(sam_optax.find_state(s2, sam_optax.UnifiedPerturbationState).count) == 6
+
+
+def test_donation_by_default_consumes_inputs():
+  opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05)
+  step = sam_optax.sam_step(loss_fn, opt)
+  params = jax.tree.map(jnp.array, PARAMS)
+  new, _, _ = step(params, opt.init(params), BATCH)
+  assert params["w"].is_deleted() and not new["w"].is_deleted()
+
+
+def test_each_pass_traces_the_loss_once_and_no_recompilation():
+  calls = []
+
+  def counted(params, batch):
+    calls.append(1)
+    return loss_fn(params, batch)
+
+  for opt in [sam_optax.unified_sam(optax.sgd(0.1, 0.9), 0.05, "1-1/t"), sam_optax.sam_sps(0.05)]:
+    calls.clear()
+    step = sam_optax.sam_step(counted, opt, donate=False)
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(4):
+      p, s, _ = step(p, s, BATCH)
+    assert len(calls) == 2  # one clean and one perturbed forward+backward, traced once
+    assert step._cache_size() == 1  # no recompilation across steps
+
+
+def _call_step(loss, **kwargs):
+  """A thunk that builds `sam_step(loss, unified_sam(sgd))` and runs one step."""
+
+  def call():
+    opt = sam_optax.unified_sam(optax.sgd(0.1), 0.05)
+    return sam_optax.sam_step(loss, opt, donate=False, **kwargs)(PARAMS, opt.init(PARAMS), BATCH)
+
+  return call
+
+
+@pytest.mark.parametrize(
+  "call, error, match",
+  [
+    pytest.param(
+      _call_step(lambda p, batch: (batch[0] @ p["w"]) ** 2),
+      TypeError,
+      "must return a scalar loss",
+      id="vector_loss",
+    ),
+    pytest.param(
+      _call_step(lambda p, batch: (loss_fn(p, batch), 1.0)),
+      TypeError,
+      "did you mean has_aux=True",
+      id="pair_without_has_aux",
+    ),
+    pytest.param(
+      _call_step(loss_fn, has_aux=True),
+      TypeError,
+      r"must return a pair \(loss, aux\)",
+      id="has_aux_without_pair",
+    ),
+    pytest.param(
+      lambda: sam_optax.sam_step(loss_fn, sam_optax.unified_sam(optax.sgd(0.1)), ascent="async"),
+      ValueError,
+      "`ascent` must be one of",
+      id="unknown_ascent",
+    ),
+  ],
+)
+def test_bad_inputs_are_refused_with_a_message(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
