@@ -1,7 +1,9 @@
-"""sam_step: passes, metrics, donation, tracing, dtypes, errors (docs/contract.md §4, §6).
+"""sam_step: passes, metrics, donation, tracing, dtypes, skipping, errors (docs/contract.md §4, §8).
 
 The optimizers' own math is tests/test_sam.py; dynamic_loss_scale is tests/test_loss_scale.py.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +150,75 @@ def _call_step(loss, **kwargs):
 def test_bad_inputs_are_refused_with_a_message(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+# --- skip_nonfinite: an inf the state holds on purpose is not a non-finite step (§8) ------------
+
+
+class SentinelState(NamedTuple):
+  count: jax.Array  # int32
+  best: jax.Array  # float32, inf until set: a non-finite value on purpose
+  trace: jax.Array  # float32, finite from the start
+
+
+def sentinel_sgd(lr, best_after, trace_after):
+  """SGD whose state holds an inf from init; the new entries are `best_after(best)` etc."""
+
+  def init(params):
+    del params
+    return SentinelState(
+      jnp.zeros([], jnp.int32), jnp.asarray(jnp.inf, jnp.float32), jnp.zeros([], jnp.float32)
+    )
+
+  def update(updates, state, params=None):
+    del params
+    new = SentinelState(state.count + 1, best_after(state.best), trace_after(state.trace))
+    return jax.tree.map(lambda g: -lr * g, updates), new
+
+  return optax.GradientTransformation(init, update)
+
+
+def _one_step(base, two_pass, skip_nonfinite=True):
+  opt = sam_optax.unified_sam(base, rho=0.05, lambd=1.0) if two_pass else base
+  step = sam_optax.sam_step(loss_fn, opt, donate=False, skip_nonfinite=skip_nonfinite)
+  state = opt.init(PARAMS)
+  return state, step(PARAMS, state, BATCH)
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one_pass", "two_pass"])
+@pytest.mark.parametrize(
+  "best_after, expected_best",
+  [
+    pytest.param(lambda b: b, jnp.inf, id="inf_kept"),
+    pytest.param(lambda b: -b, -jnp.inf, id="inf_to_minus_inf"),
+    pytest.param(lambda b: 0.0 * b, jnp.nan, id="inf_to_nan"),
+    pytest.param(lambda b: jnp.minimum(b, 2.0), 2.0, id="inf_to_finite"),
+  ],
+)
+def test_step_with_an_inf_held_on_purpose_is_taken(two_pass, best_after, expected_best):
+  base = sentinel_sgd(0.1, best_after, lambda t: t + 1.0)
+  _, (params, state, metrics) = _one_step(base, two_pass)
+  assert bool(metrics["finite"])
+  reference = sam_optax.unified_sam(optax.sgd(0.1), 0.05, 1.0) if two_pass else optax.sgd(0.1)
+  assert_trees_close(params, run(reference, steps=1)[0])
+  assert not np.allclose(params["w"], PARAMS["w"])
+  expected = SentinelState(
+    jnp.asarray(1, jnp.int32), jnp.asarray(expected_best, jnp.float32), jnp.asarray(1.0)
+  )
+  assert_trees_equal(sam_optax.find_state(state, SentinelState), expected)  # NaN == NaN here
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one_pass", "two_pass"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf], ids=["finite_to_nan", "finite_to_inf"])
+def test_step_that_turns_a_finite_state_entry_non_finite_is_skipped(two_pass, bad):
+  base = sentinel_sgd(0.1, lambda b: b, lambda t: t + bad)
+  state0, (params, state, metrics) = _one_step(base, two_pass)
+  assert not bool(metrics["finite"])
+  assert_trees_equal(params, PARAMS)
+  assert_trees_equal(state, state0)  # the whole state, counters included
+  # The update itself was finite: without skipping, the step moves and poisons the state.
+  _, (moved, poisoned, unchecked) = _one_step(base, two_pass, skip_nonfinite=False)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(moved))
+  assert not np.allclose(moved["w"], PARAMS["w"])
+  assert not np.isfinite(float(sam_optax.find_state(poisoned, SentinelState).trace))
+  assert bool(unchecked["finite"])  # the loss, gradients and f(e) were finite
