@@ -8,9 +8,9 @@ and the tests below assert on those numbers; the rest of the suite keeps one dev
 
 import json
 import os
-import subprocess
 import sys
 
+import _devices
 import numpy as np
 import pytest
 
@@ -176,24 +176,8 @@ def measured(tmp_path_factory):
 
   data_dir = tmp_path_factory.mktemp("cifar_devices_data")
   make_archive(data_dir, "cifar10", n_train=64, n_test=24, seed=0)
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}"
-  )
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.abspath(__file__),
-      str(data_dir),
-      str(tmp_path_factory.mktemp("cifar_devices_work")),
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  work = tmp_path_factory.mktemp("cifar_devices_work")
+  return _devices.run(__file__, DEVICES, str(data_dir), str(work), timeout=240)
 
 
 def test_batch_is_split_over_all_devices(measured):

@@ -10,12 +10,10 @@ fake CPU devices, in one subprocess started at the beginning) on a representativ
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
+import _devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -512,20 +510,10 @@ _PROC = {}
 @pytest.fixture(scope="module", autouse=True)
 def _start_devices_worker():
   """Starts the fake-device worker when the module's first test runs; it works meanwhile."""
-  env = dict(os.environ)
-  flag = f"--xla_force_host_platform_device_count={DEVICE_COUNT}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
   # Files, not pipes: a full pipe would block the worker while the other tests run.
   _PROC["files"] = [tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")]
-  _PROC["p"] = subprocess.Popen(
-    [sys.executable, str(ROOT / "tests" / "_composition_devices.py")],
-    env=env,
-    cwd=ROOT,
-    stdout=_PROC["files"][0],
-    stderr=_PROC["files"][1],
-    text=True,
+  _PROC["p"] = _devices.start(
+    ROOT / "tests" / "_composition_devices.py", DEVICE_COUNT, *_PROC["files"]
   )
   yield
   if _PROC["p"].poll() is None:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import _devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -433,7 +434,7 @@ def test_cached_partial_matches():
 DEVICES = 4
 
 
-def _devices():
+def _device_worker():
   """Sharded jit (state replicated, batch sharded) vs one device; runs in the subprocess."""
   # pylint: disable-next=g-import-not-at-top
   from jax.sharding import AxisType
@@ -517,20 +518,7 @@ def _devices():
 
 @pytest.fixture(scope="module")
 def device_results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run(
-    [sys.executable, __file__, "devices"],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _devices.run(__file__, DEVICES, "devices", timeout=900)
 
 
 @pytest.mark.parametrize(
@@ -622,7 +610,7 @@ def _bench(repeats=15, steps=40):
 
 if __name__ == "__main__":
   if sys.argv[1:] == ["devices"]:
-    print(json.dumps(_devices()))
+    print(json.dumps(_device_worker()))
   elif sys.argv[1:] == ["bench"]:
     print(json.dumps(_bench(), indent=1))
   elif sys.argv[1:] == ["figures"]:

@@ -9,9 +9,8 @@ The multi-device cases run this file in a subprocess on 4 fake CPU devices
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
+import _devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -564,16 +563,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def devices():
-  env = dict(os.environ)
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run(
-    [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _devices.run(__file__, DEVICES, timeout=300)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])

@@ -7,11 +7,9 @@ those numbers; the rest of the suite keeps its single device.
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import _devices
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -274,16 +272,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run(
-    [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _devices.run(__file__, DEVICES, timeout=300)
 
 
 CASES = ["unified_lambda=0.0", "unified_lambda=0.5", "unified_lambda=1.0", "sam_sps"]

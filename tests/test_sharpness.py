@@ -9,12 +9,10 @@ spectrum. The sharded checks run this file in a subprocess with 4 fake CPU devic
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
+import _devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -464,16 +462,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def sharded_results():
-  env = dict(os.environ)
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  proc = subprocess.run(
-    [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _devices.run(__file__, DEVICES, timeout=1200)
 
 
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
