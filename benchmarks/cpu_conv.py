@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks import _steps
 from benchmarks.step_time import RESULTS
 from benchmarks.step_time import TorchWorker
@@ -377,11 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if worker is not None:
       worker.close()
   result["environment"]["loadavg_end"] = list(os.getloadavg())
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  table = markdown(result)
-  out.with_suffix(".md").write_text(table)
-  print(table)
+  _report.write(out, result, markdown(result))
   return result
 
 

@@ -22,7 +22,6 @@ is deterministic and takes only the compile time.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import jax
 
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks import _steps
 from benchmarks.step_time import FULL_MODELS
 from benchmarks.step_time import QUICK_MODELS
@@ -182,11 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       for m in models
     ],
   }
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  table = markdown(result)
-  out.with_suffix(".md").write_text(table)
-  print(table)
+  _report.write(out, result, markdown(result))
   return result
 
 

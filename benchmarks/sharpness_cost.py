@@ -25,7 +25,6 @@ Results go to ``benchmarks/results/sharpness_cost[_quick].{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -40,6 +39,7 @@ import optax
 
 import sam_optax
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks.step_time import RESULTS
 from benchmarks.step_time import environment
 from benchmarks.step_time import paired_ratio
@@ -266,11 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       )
     )
   result["environment"]["loadavg_end"] = list(os.getloadavg())
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  table = markdown(result)
-  out.with_suffix(".md").write_text(table)
-  print(table)
+  _report.write(out, result, markdown(result))
   return result
 
 

@@ -45,6 +45,7 @@ import optax
 
 import sam_optax
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks import _steps
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -606,11 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       worker.close()
   result["environment"]["loadavg_end"] = list(os.getloadavg())
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  table = markdown(result)
-  out.with_suffix(".md").write_text(table)
-  print(table)
+  _report.write(out, result, markdown(result))
   return result
 
 
