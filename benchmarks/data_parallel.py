@@ -19,7 +19,6 @@ markdown table next to this file (or to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -40,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sam_optax  # noqa: E402
+from benchmarks import _report  # noqa: E402
 
 
 def loss_fn(params, batch):
@@ -177,10 +177,13 @@ def main(argv=None) -> int:
     f"`{report['command']}` — {report['devices']}, jax {jax.__version__}, "
     f"MLP {shape}, median of {repeats} repeats × {steps} steps"
   )
-  pathlib.Path(args.out + ".json").write_text(json.dumps(report, indent=2))
-  pathlib.Path(args.out + ".md").write_text(header + "\n\n" + "\n".join(table) + "\n")
-  print(header)
-  print("\n".join(table))
+  _report.write(
+    pathlib.Path(args.out),
+    report,
+    header + "\n\n" + "\n".join(table),
+    indent=2,
+    final_newline=False,
+  )
   return 0
 
 

@@ -28,8 +28,8 @@ alternating with bare-step windows, and reports it in seconds and in training st
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import pathlib
 import statistics
 import sys
 import tempfile
@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sam_optax  # noqa: E402
+from benchmarks import _report  # noqa: E402
 from examples.cifar import input_pipeline  # noqa: E402
 from examples.cifar import train  # noqa: E402
 from examples.cifar.configs import default  # noqa: E402
@@ -205,9 +206,9 @@ def main(argv=None):
         f"{result['first_call_s']:.1f} s; values {result['values']}"
       )
       if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "sharpness_cost.json"), "w") as f:
-          json.dump(result, f, indent=2)
+        _report.write_json(
+          pathlib.Path(args.out) / "sharpness_cost.json", result, indent=2, final_newline=False
+        )
       return result
     trainer, bare_windows = interleaved(config, tmp, os.path.join(tmp, "work"), bare, args)
 
@@ -250,13 +251,11 @@ def main(argv=None):
       f"{result['cpu_time_ratio']:.3f}",
     ]
   )
-  print(table)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "trainer_overhead.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "trainer_overhead.md"), "w") as f:
-      f.write(table + "\n")
+    out = pathlib.Path(args.out) / "trainer_overhead"
+    _report.write(out, result, table, indent=2, final_newline=False)
+  else:
+    print(table)
   return result
 
 

@@ -20,8 +20,8 @@ report their SAM steps and skipped steps apart.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -35,6 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sam_optax  # noqa: E402
+from benchmarks import _report  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -253,13 +254,9 @@ def main(argv=None):
       f"{kd['skipped_step_ms']:.2f} | {kd['skipped_step_x_sgd']:.2f} |"
     )
   table = "\n".join(lines)
-  print(table)
-  os.makedirs(args.out, exist_ok=True)
   suffix = f"_{args.model}" + ("_quick" if args.quick else "")
-  with open(os.path.join(args.out, f"variants_cost{suffix}.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, f"variants_cost{suffix}.md"), "w") as f:
-    f.write(table + "\n")
+  out = pathlib.Path(args.out) / f"variants_cost{suffix}"
+  _report.write(out, results, table, indent=2, final_newline=False)
   return results
 
 
