@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -154,8 +155,37 @@ def _hvp_fn(f: Callable[..., jax.Array], params: Any, args: tuple) -> Callable[[
   return hvp
 
 
+# worst_case_sharpness unrolls its ascent up to this many steps, and loops beyond.
+_MAX_UNROLLED_STEPS = 8
+
+
 def _is_concrete(tree: Any) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+# Compiled loop bodies of eager calls, by (function, loss_fn, has_aux, dtype): a
+# training loop that measures every epoch compiles each body once. Bounded, as
+# the entries hold on to the loss functions.
+_BODIES: collections.OrderedDict = collections.OrderedDict()
+_MAX_BODIES = 32
+
+
+def _compiled(cache_key: tuple, body: Callable[..., Any]) -> Callable[..., Any]:
+  """``jax.jit(body)``, shared by every eager call with the same ``cache_key``.
+
+  ``cache_key`` must name every Python value ``body`` closes over; arrays go in
+  the operands or the carry.
+  """
+  try:
+    hash(cache_key)
+  except TypeError:  # an unhashable loss_fn: compile for this call only
+    return jax.jit(body)
+  if cache_key not in _BODIES:
+    _BODIES[cache_key] = jax.jit(body)
+    if len(_BODIES) > _MAX_BODIES:
+      _BODIES.popitem(last=False)
+  _BODIES.move_to_end(cache_key)
+  return _BODIES[cache_key]
 
 
 def _iterate(
@@ -164,18 +194,20 @@ def _iterate(
   operands: Any,
   *,
   until: Callable[..., Any],
+  cache_key: tuple,
   trips: int | None = None,
 ) -> Any:
   """Runs ``carry = body(operands, carry)`` until ``until(carry)`` (or ``trips`` times).
 
   Called with concrete values, the loop runs on the host around one compiled
-  ``body``: XLA:CPU runs convolutions inside a ``while``/``fori`` loop body far
-  slower than at top level (as inside ``lax.cond``, jax-ml/jax#12868), which made
-  the diagnostics of a small CNN cost ~10x their arithmetic. Under a trace
-  (inside ``jit``) it is a ``lax.while_loop``; both compute the same values.
+  ``body`` (compiled once per ``cache_key``, see :func:`_compiled`): XLA:CPU runs
+  convolutions inside a ``while``/``fori`` loop body far slower than at top level
+  (as inside ``lax.cond``, jax-ml/jax#12868), which made the diagnostics of a
+  small CNN cost ~10x their arithmetic. Under a trace (inside ``jit``) it is a
+  ``lax.while_loop``; both compute the same values.
   """
   if _is_concrete((carry, operands)):
-    step = jax.jit(body)
+    step = _compiled(cache_key, body)
     for _ in range(trips) if trips is not None else iter(int, 1):
       if trips is None and bool(until(carry)):
         break
@@ -298,7 +330,7 @@ def top_hessian_eigenvalue(
     return jnp.logical_or(k >= num_iters, done)
 
   def body(operands, carry):
-    p, a = operands
+    p, a, tol = operands
     k, v, lam_prev, _ = carry
     hv = _hvp_fn(f, p, a)(v)
     lam = _vdot(v, hv, dtype)
@@ -310,7 +342,9 @@ def top_hessian_eigenvalue(
     return k + 1, v_next, lam, done
 
   init = (jnp.zeros([], jnp.int32), v0, jnp.zeros([], dtype), jnp.zeros([], bool))
-  _, _, lam, _ = _iterate(body, init, (params, args), until=until)
+  tol = jnp.asarray(tol, dtype)
+  cache_key = ("top_hessian_eigenvalue", loss_fn, has_aux, jnp.dtype(dtype).name)
+  _, _, lam, _ = _iterate(body, init, (params, args, tol), until=until, cache_key=cache_key)
   return lam
 
 
@@ -366,12 +400,12 @@ def hessian_trace(
   _check_params(params)
   dtype = accumulation_dtype(params)
   f = _scalar_loss(loss_fn, has_aux)
-  leaves, treedef = jax.tree.flatten(params)
   key = _default_key(key)
 
   def body(operands, carry):
-    p, a = operands
+    p, a, key = operands
     s, total = carry
+    leaves, treedef = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
     z = treedef.unflatten(
       [jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
@@ -379,7 +413,9 @@ def hessian_trace(
     return s + 1, total + _vdot(z, _hvp_fn(f, p, a)(z), dtype)
 
   init = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype))
-  _, total = _iterate(body, init, (params, args), until=None, trips=num_samples)
+  cache_key = ("hessian_trace", loss_fn, has_aux, jnp.dtype(dtype).name)
+  operands = (params, args, key)
+  _, total = _iterate(body, init, operands, until=None, trips=num_samples, cache_key=cache_key)
   return total / num_samples
 
 
@@ -429,6 +465,8 @@ def worst_case_sharpness(
     *args: passed to ``loss_fn`` after ``params``; not differentiated.
     rho: the radius ρ ≥ 0 (may be traced).
     num_steps: the number K ≥ 1 of ascent points evaluated (K + 1 gradients in all).
+      Up to 9 the ascent is unrolled (fast convolutions on XLA:CPU); beyond, it is a
+      ``fori_loop``, which compiles in constant time.
     step_size: α > 0, the length of the first step after d_1; None means 2ρ (in
       the u-space with ``adaptive=True``).
     adaptive: use the adaptive ball :math:`\|d / (|x| + \eta)\| \le \rho`.
@@ -470,6 +508,26 @@ def worst_case_sharpness(
   if adaptive:
     _check_float("eta", eta)
   _check_params(params)
+  if _is_concrete((params, args, rho, step_size, eta)):
+    # Called eagerly: compile the whole ascent once per loss function and options
+    # (unrolled at top level, where XLA:CPU's convolutions are fast).
+    try:
+      hash(loss_fn)
+    except TypeError:
+      pass
+    else:
+      return _worst_case_jit(
+        loss_fn,
+        params,
+        *args,
+        rho=rho,
+        num_steps=num_steps,
+        step_size=step_size,
+        adaptive=adaptive,
+        eta=eta,
+        groups=groups,
+        has_aux=has_aux,
+      )
   f = _scalar_loss(loss_fn, has_aux)
   dtype = accumulation_dtype(params)
   rho = jnp.asarray(rho, dtype)
@@ -501,9 +559,11 @@ def worst_case_sharpness(
       shrink = jnp.where(u_norm > rho, rho / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
       return _scale(u, shrink), best
 
-    # The last iterate's gradient is not needed: evaluate its value alone.
-    # Unrolled: a few steps, and XLA:CPU is slow on convolutions inside loop bodies.
-    u, best = jax.lax.fori_loop(0, num_steps - 1, body, (u, jnp.zeros([], dtype)), unroll=True)
+    # The last iterate's gradient is not needed: evaluate its value alone. A few steps
+    # are unrolled (XLA:CPU is slow on convolutions inside loop bodies); more would
+    # make the compilation time grow faster than the number of steps.
+    unroll = num_steps - 1 <= _MAX_UNROLLED_STEPS
+    u, best = jax.lax.fori_loop(0, num_steps - 1, body, (u, jnp.zeros([], dtype)), unroll=unroll)
     value = f(jax.tree.map(jnp.add, params, to_d(u)), *fargs)
     return jnp.maximum(best, value.astype(dtype) - loss)
 
@@ -520,3 +580,10 @@ def worst_case_sharpness(
   split = jax.tree.map(lambda x: _split_groups(x, groups), batch)
   per_group = jax.vmap(one_group, in_axes=(0,) + (None,) * len(rest))(split, *rest)
   return jnp.mean(per_group)
+
+
+_worst_case_jit = jax.jit(
+  worst_case_sharpness,
+  static_argnums=0,
+  static_argnames=("num_steps", "adaptive", "groups", "has_aux"),
+)

@@ -277,7 +277,8 @@ def make_sharpness_fn(model: models.Model, config, data, put) -> Callable | None
     logits, _ = model.apply(params, batch_stats, images, False, None)
     return cross_entropy(logits, batch["label"], data.num_classes).mean()
 
-  @jax.jit
+  # Eager, not jitted: sam_optax.sharpness then loops on the host around one compiled
+  # step (compiled once per run), as XLA:CPU runs convolutions far slower in a loop body.
   def diagnostics(params, batch_stats, epoch):
     eig_key, trace_key = jax.random.split(jax.random.fold_in(key, epoch))
     args = (loss_fn, params, batch, batch_stats)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -144,7 +143,6 @@ def make_eval_loss_fn(model: CNN) -> Callable[..., Any]:
 EVAL_LOSS = make_eval_loss_fn(MODEL)
 
 
-@functools.partial(jax.jit, static_argnames=("eig_iters", "sharpness_steps"))
 def sharpness_diagnostics(
   params: Any,
   batch_stats: Any,
@@ -156,7 +154,12 @@ def sharpness_diagnostics(
   eig_tol: float,
   sharpness_steps: int,
 ) -> dict[str, jax.Array]:
-  """The top Hessian eigenvalue and the ρ-ball sharpness of the inference-mode loss."""
+  """The top Hessian eigenvalue and the ρ-ball sharpness of the inference-mode loss.
+
+  Called eagerly, not under ``jax.jit``: sam_optax.sharpness then runs the power
+  iteration on the host around one compiled step (compiled once for all optimizers),
+  as XLA:CPU runs convolutions far slower inside a compiled loop.
+  """
   return {
     "top_hessian_eigenvalue": sharpness.top_hessian_eigenvalue(
       EVAL_LOSS, params, batch, batch_stats, num_iters=eig_iters, tol=eig_tol, key=key
