@@ -61,6 +61,7 @@ def quick_result(tmp_path_factory):
   return result, out
 
 
+@pytest.mark.slow
 def test_step_time_quick_schema(quick_result):
   result, out = quick_result
   on_disk = json.loads(out.with_suffix(".json").read_text())
@@ -105,6 +106,7 @@ def test_step_time_quick_schema(quick_result):
       assert loss["jax_scan"] == pytest.approx(loss["jax_python_loop"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_every_ratio_is_finite_and_positive(quick_result):
   result, _ = quick_result
   found = list(_ratios(result))
@@ -116,6 +118,7 @@ def test_every_ratio_is_finite_and_positive(quick_result):
       assert math.isfinite(r[stat]) and r[stat] > 0, (key, r)
 
 
+@pytest.mark.slow
 def test_markdown_table_lists_every_variant(quick_result):
   result, out = quick_result
   table = out.with_suffix(".md").read_text()
@@ -140,6 +143,7 @@ def test_model_sizes_match_the_published_networks():
     assert _models.param_count(shapes["params"]) == expected
 
 
+@pytest.mark.slow
 def test_memory_of_sam_step_is_within_five_percent_of_hand_written(tmp_path):
   result = memory.main(
     [
@@ -174,6 +178,7 @@ def test_memory_of_sam_step_is_within_five_percent_of_hand_written(tmp_path):
   assert all(c["met"] for c in model["checks"])
 
 
+@pytest.mark.slow
 def test_compared_variants_compute_the_same_steps():
   """The floors are the same algorithms as what they are compared with (else timing means little)."""
   _, params, batch_stats, batch, loss_fn = _models.make_problem("tiny_mlp")

@@ -180,11 +180,13 @@ def measured(tmp_path_factory):
   return _devices.run(__file__, DEVICES, str(data_dir), str(work), timeout=240)
 
 
+@pytest.mark.slow
 def test_batch_is_split_over_all_devices(measured):
   assert measured["devices"] == DEVICES
   assert measured["shard_rows"] == [16 // DEVICES] * DEVICES
 
 
+@pytest.mark.slow
 def test_data_parallel_training_loop_equals_one_device(measured):
   """3 steps of train_and_evaluate on 4 devices, from its final checkpoint."""
   assert measured["replicas_identical"]
@@ -193,6 +195,7 @@ def test_data_parallel_training_loop_equals_one_device(measured):
   assert measured["synced_outputs_vs_one"] < TOL  # loss, accuracy, lr of every step
 
 
+@pytest.mark.slow
 def test_evaluation_and_resume_on_another_device_count(measured):
   one, four = measured["test_loss"]  # eval batch 10 on 1 device, rounded to 12 on 4
   assert four == pytest.approx(one, rel=SUMS_TOL)
@@ -202,6 +205,7 @@ def test_evaluation_and_resume_on_another_device_count(measured):
   assert test_loss == pytest.approx(one, rel=SUMS_TOL)
 
 
+@pytest.mark.slow
 def test_m_sharpness_is_device_independent_and_differs_from_synced(measured):
   assert measured["m_replicas_identical"]
   assert measured["m_four_vs_m_one"] < TOL  # the same 4 groups of 4, on 1 or 4 devices
@@ -210,6 +214,7 @@ def test_m_sharpness_is_device_independent_and_differs_from_synced(measured):
   assert all(0.0 <= a <= 1.0 and (16 * a) == round(16 * a) for a in measured["m_accuracies"])
 
 
+@pytest.mark.slow
 def test_bad_batch_sizes_are_clear_errors(measured):
   errors = measured["errors"]
   assert (
@@ -231,6 +236,7 @@ def data_dir(tmp_path_factory):
   return str(d)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_is_the_plain_jit_step_bit_for_bit(data_dir):
   """On one device the sharded step computes exactly what jax.jit alone computes."""
   import jax

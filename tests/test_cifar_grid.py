@@ -96,6 +96,7 @@ def test_sam_sps_summary_picks_the_best_constant_lr(tmp_path):
   assert "[paper 91.70 ± 0.15]" in row
 
 
+@pytest.mark.slow
 def test_grid_runs_skips_and_resumes(tmp_path):
   data = tmp_path / "data"
   data.mkdir()

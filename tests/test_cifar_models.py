@@ -98,6 +98,7 @@ def test_batch_norm_train_and_eval(name):
   assert not np.allclose(single_train[0], logits[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_wide_resnet_dropout_uses_the_rng():
   model = models.create_model("wrn10_1", 10, dropout_rate=0.5)
   x = normal((2, 32, 32, 3))
@@ -126,6 +127,7 @@ def test_bfloat16_compute_float32_params(name):
   np.testing.assert_allclose(logits, ref, atol=0.25, rtol=0.1)  # bf16 round-off only
 
 
+@pytest.mark.slow
 def test_nnx_matches_linen_when_given_the_same_weights():
   linen = models.create_model("resnet8", 10, width=4)
   nnx_model = models.create_model("nnx_resnet8", 10, width=4)

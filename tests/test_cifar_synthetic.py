@@ -9,40 +9,17 @@ class plus noise), so a tiny model can learn them.
 
 from __future__ import annotations
 
-import atexit
 import io
 import os
 import pickle
-import shutil
 import sys
 import tarfile
-import tempfile
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.cifar import input_pipeline  # noqa: E402
-
-
-def enable_compilation_cache():
-  """Shares compiled programs between the trainer runs of one test session.
-
-  The resume and checkpoint tests build the same step several times (a fresh process
-  would too); JAX's persistent cache turns every rebuild after the first into a disk
-  read. Runs at import, i.e. at collection, before anything is compiled.
-  """
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-    return
-  path = tempfile.mkdtemp(prefix="sam_optax_cifar_jax_cache_")
-  atexit.register(shutil.rmtree, path, ignore_errors=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-enable_compilation_cache()
 
 LAYOUT = {
   "cifar10": (

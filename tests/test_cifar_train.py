@@ -77,6 +77,7 @@ def test_every_config_is_listed():
   } <= set(CONFIGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_one_step_smoke(name, data_dir):
   paper = load_config(name)
@@ -122,6 +123,7 @@ def test_one_step_smoke(name, data_dir):
   assert float(state["sums"]["loss"]) == pytest.approx(16 * float(out["loss"]), rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m_sharpness", [None, 4])
 def test_nnx_model_is_stepped_by_sam_optax_nnx(m_sharpness, data_dir, monkeypatch):
   """sam_optax.nnx.sam_step on the live module equals sam_step on the split state, bit for bit."""
@@ -153,6 +155,7 @@ def test_nnx_model_is_stepped_by_sam_optax_nnx(m_sharpness, data_dir, monkeypatc
     assert np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(data_dir):
   config = tiny(load_config("smoke"))
   config.dtype = "bfloat16"
@@ -169,6 +172,7 @@ def test_bfloat16_compute_keeps_float32_params(data_dir):
   assert out["loss"].dtype == jnp.float32 and np.isfinite(float(out["loss"]))
 
 
+@pytest.mark.slow
 def test_label_smoothing_changes_the_loss(data_dir):
   losses = []
   for smoothing in (0.0, 0.1):
@@ -230,6 +234,7 @@ def records(workdir):
   return out
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
   full = str(tmp_path / "full")
   report = train.train_and_evaluate(small_run_config(plots=True), full, data_dir=data_dir)
@@ -293,6 +298,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir):
     assert json.load(f)["best_test_accuracy"] == max(r["test_accuracy"] for r in records(full))
 
 
+@pytest.mark.slow
 def test_sharpness_diagnostics_are_logged(tmp_path, data_dir):
   from sam_optax import sharpness
 
@@ -356,6 +362,7 @@ def tree_digest(path):
   return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_existing_checkpoint_is_never_overwritten(tmp_path, data_dir):
   workdir = str(tmp_path)
   train.train_and_evaluate(small_run_config(num_epochs=1), workdir, data_dir=data_dir)
@@ -468,6 +475,7 @@ def test_cli_rejects_unknown_override():
   main.check_overrides(["main", "--config.rho=0.2", "--config.lambd=1/t", "--resume"])
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_cli_trains_and_resumes_after_sigterm(tmp_path, data_dir):
   """A real process killed by SIGTERM mid-run, resumed from the command line."""

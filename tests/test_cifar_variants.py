@@ -289,6 +289,7 @@ def plain(data_dir):
   return trainer_steps(data_dir)
 
 
+@pytest.mark.slow
 def test_interval_sam_skipped_step_is_sgd_on_the_clean_gradient(data_dir):
   run, batches, (s1, s2), _ = trainer_steps(data_dir, sam_every=2)
   assert run.train_step._cache_size() == 1  # SAM and skipped steps: one compiled step
@@ -305,6 +306,7 @@ def test_interval_sam_skipped_step_is_sgd_on_the_clean_gradient(data_dir):
   assert_trees_close(s2["params"], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "overrides",
   [

@@ -39,6 +39,7 @@ def _numbers(result):
   return {k: v for k, v in result.items() if k not in ("ms_per_step", "sharpness_seconds")}
 
 
+@pytest.mark.slow
 def test_every_optimizer_learns(results):
   assert list(results) == list(train.DEFAULT_OPTIMIZERS)  # the variants only on request
   for name, r in results.items():
@@ -56,6 +57,7 @@ def test_every_optimizer_learns(results):
     assert r["sharpness_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_sharpness_is_measured_on_the_final_parameters(results):
   # measure_sharpness saw each trainee's final parameters in order; the rows hold its
   # numbers, and they are the diagnostics of the inference-mode loss on the whole
@@ -95,6 +97,7 @@ def test_sharpness_is_measured_on_the_final_parameters(results):
     assert r["worst_case_sharpness"] >= one_step * (1 - 1e-4) > 0, name
 
 
+@pytest.mark.slow
 def test_mean_step_size_only_for_sam_sps(results):
   for name, r in results.items():
     if name == "sam_sps":
@@ -103,17 +106,20 @@ def test_mean_step_size_only_for_sam_sps(results):
       assert r["mean_step_size"] is None
 
 
+@pytest.mark.slow
 def test_sam_optimizers_differ_from_sgd(results):
   sgd = results["sgd"]["history"][-1]["train_loss"]
   for name in ("sam", "usam", "unified", "sam_sps"):
     assert results[name]["history"][-1]["train_loss"] != sgd, name
 
 
+@pytest.mark.slow
 def test_rerun_is_identical(results):
   [rerun] = train.run(SMALL, ["sam_sps"], progress=False)
   assert _numbers(rerun) == _numbers(results["sam_sps"])
 
 
+@pytest.mark.slow
 def test_rho_zero_sam_retraces_sgd(results):
   # Every optimizer starts from the same weights and sees the same batches (both
   # set by the seed alone), so SAM with ρ = 0, run on its own, retraces SGD.
@@ -127,6 +133,7 @@ def test_rho_zero_sam_retraces_sgd(results):
   assert sam["history"] != results["sam"]["history"]  # while ρ = 0.05 does move SAM
 
 
+@pytest.mark.slow
 def test_table(results):
   rows = [r for r in results.values()]
   lines = train.format_table(rows).splitlines()
@@ -151,6 +158,7 @@ def test_table(results):
   assert no_sgd.strip("|").split("|")[col["× SGD"]].strip() == "-"
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
   out, figure = tmp_path / "results.json", tmp_path / "figure.png"
   returned = train.main(
@@ -185,6 +193,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
   assert returned[0]["top_hessian_eigenvalue"] > 0 and returned[0]["worst_case_sharpness"] > 0
 
 
+@pytest.mark.slow
 def test_cli_seeds_mean_and_std(tmp_path, capsys):
   out = tmp_path / "results.json"
   returned = train.main(
@@ -333,6 +342,7 @@ def variants():
   return {r["optimizer"]: r for r in train.run(VARIANTS_CFG, VARIANTS, progress=False)}
 
 
+@pytest.mark.slow
 def test_variants_learn_and_differ_from_sam(variants, results):
   assert list(variants) == VARIANTS
   labels = {n: r["label"] for n, r in variants.items()}
@@ -353,6 +363,7 @@ def test_variants_learn_and_differ_from_sam(variants, results):
   assert variants["interval"]["history"] != variants["looksam"]["history"]
 
 
+@pytest.mark.slow
 def test_variants_off_retrace_sam(results):
   # k = 1 and GSAM α = 0 turn the variants back into SAM, bit for bit (one epoch).
   cfg = dataclasses.replace(SMALL, epochs=1, sam_every=1, gsam_alpha=0.0)
@@ -360,6 +371,7 @@ def test_variants_off_retrace_sam(results):
     assert r["history"] == results["sam"]["history"][:1], r["optimizer"]
 
 
+@pytest.mark.slow
 def test_interval_rows_time_sam_and_skipped_steps_apart(variants):
   for name in ("interval", "looksam"):
     r = variants[name]
@@ -427,6 +439,7 @@ def test_asam_perturbs_kernels_adaptively_and_the_rest_as_sam():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_cli_variant_flags(tmp_path, capsys):
   out = tmp_path / "results.json"
   [looksam] = train.main(

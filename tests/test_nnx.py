@@ -311,6 +311,7 @@ SPLITS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", SPLITS)
 def test_split_batch_options_equal_functional_sam_step(options):
   # groups (m-sharpness) and microbatches average aux over the pieces of the batch, so the
@@ -521,6 +522,7 @@ def device_results():
   return _devices.run(__file__, DEVICES, "devices", timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "case", ["auto-unified_sam", "auto-sam_sps", "explicit-unified_sam", "shard_map-unified_sam"]
 )

@@ -12,6 +12,9 @@ import pathlib
 import _devices
 import pytest
 
+# Slow (one 8-device subprocess, ~1 min on 2 cores); the composition battery covers pmap and
+# sharded jit, bit-identical replicas included, on 4 devices in the default suite.
+pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
 STEPS = 3

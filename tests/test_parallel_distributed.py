@@ -38,6 +38,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
   out = tmp_path / "two.npz"
   proc = subprocess.run(
@@ -94,6 +95,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
 # Process 1 dying is the default case (the coordinator must notice); process 0
 # (the coordinator itself) dying is checked in the slow suite.
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_when_a_process_dies_the_other_exits_with_a_clear_error(victim):
   port = _free_port()

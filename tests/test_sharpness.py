@@ -415,6 +415,35 @@ def test_readme_sharpness_block_runs_and_shows_its_numbers():
 
 # --- sharded batches on 4 fake CPU devices (subprocess) -----------------------------------
 
+
+@pytest.mark.parametrize(
+  "measure",
+  [
+    lambda f, p, b: sharpness.top_hessian_eigenvalue(f, p, b, num_iters=5),
+    lambda f, p, b: sharpness.hessian_trace(f, p, b, num_samples=3),
+    lambda f, p, b: sharpness.worst_case_sharpness(f, p, b, rho=0.1, num_steps=3),
+  ],
+  ids=["eigenvalue", "trace", "ball"],
+)
+def test_eager_calls_compile_once_per_loss_and_agree_with_jit(measure):
+  # A training loop measures every epoch: the second eager call with new parameters
+  # traces the loss no more, and both equal the jitted call.
+  traces = []
+
+  def counted(params, batch):  # not quadratic: the Hessian depends on the parameters
+    traces.append(1)
+    return loss_fn(params, batch) + 0.25 * sum(jnp.sum(x**4) for x in jax.tree.leaves(params))
+
+  batch = make_batch()
+  first = measure(counted, make_params(seed=0), batch)
+  after_first = len(traces)
+  second = measure(counted, make_params(seed=3), batch)
+  assert len(traces) == after_first  # no new trace: the compiled body is reused
+  assert float(first) != float(second)  # ... and it computed on the new parameters
+  jitted = jax.jit(lambda p, b: measure(counted, p, b))(make_params(seed=3), batch)
+  assert float(second) == pytest.approx(float(jitted), rel=1e-5)
+
+
 DEVICES = 4
 
 
@@ -465,6 +494,7 @@ def sharded_results():
   return _devices.run(__file__, DEVICES, timeout=1200)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 @pytest.mark.parametrize(
   "name", ["eigenvalue", "trace", "ball", "ball_groups4", "ball_groups2_adaptive", "ball_groups16"]
