@@ -395,6 +395,7 @@ def test_step_time_ms():
   assert train.step_time_ms(times) == (pytest.approx(2.0), None, None)  # median, first left out
 
 
+@pytest.mark.slow
 def test_asam_perturbs_kernels_adaptively_and_the_rest_as_sam():
   # One ASAM step by hand: T = |x| + η on the kernels, T = 1 on biases and BatchNorm.
   cfg = dataclasses.replace(SMALL, asam_rho=0.3, asam_eta=0.02)

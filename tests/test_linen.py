@@ -66,7 +66,7 @@ def make_state(tx):
   "tx",
   [
     sam_optax.unified_sam(optax.sgd(0.1, momentum=0.9), rho=0.1, lambd="1-1/t"),
-    sam_optax.sam_sps(rho=0.1, gamma_b=0.5),
+    pytest.param(sam_optax.sam_sps(rho=0.1, gamma_b=0.5), marks=pytest.mark.slow),
   ],
   ids=["unified_sam", "sam_sps"],
 )

@@ -127,7 +127,11 @@ def equality_figures(name, steps=4):
   return errs
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+  "name",
+  # unified_sam in the default suite; the others (same code path, ~15 s each) are slow.
+  [n if n == "unified_sam" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS],
+)
 def test_equals_functional_sam_step_over_several_steps(name):
   errs = equality_figures(name)
   assert max(errs.values()) <= TOL, errs
@@ -271,6 +275,7 @@ def test_shared_array_is_not_donated_twice():
   assert not model.bn.scale.get_value().is_deleted()
 
 
+@pytest.mark.slow
 def test_wrt_filter_trains_only_the_selected_variables():
   tx = OPTIMIZERS["unified_sam"]()
   model = Net(nnx.Rngs(0, dropout=1))
@@ -420,6 +425,7 @@ def test_sam_optax_does_not_import_flax():
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_cached_partial_matches():
   tx = OPTIMIZERS["unified_sam"]()
   model, optimizer = make(tx)

@@ -96,6 +96,7 @@ def test_importance_sampling_beats_uniform_in_theory_and_in_practice():
   assert gaps[1] < 0.1 * gaps[0]
 
 
+@pytest.mark.slow
 def test_decreasing_steps_give_o_one_over_t():
   # Not interpolated (Δ_inf > 0): constant steps stall at a neighbourhood.
   p = problems.ridge_regression(20, 5, cond=2.0, reg=0.05, interpolated=False, seed=13)
