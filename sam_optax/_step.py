@@ -324,9 +324,8 @@ def sam_step(
 
   @functools.wraps(step)
   def dispatch(params, opt_state, batch, *args):
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state))
     plan = found[0] if len(found) == 1 else None
-    if traced or plan is None:
+    if plan is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state)):
       # The first call, an optimizer without pass selection, or a trace by an
       # enclosing transform (pmap, jit): the single program selects with lax.cond.
       return compiled(params, opt_state, batch, *args)
