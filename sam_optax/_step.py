@@ -73,8 +73,8 @@ def sam_step(
 
   ``metrics`` holds arrays: ``loss`` f(x), ``grad_norm`` ‖g‖, ``finite`` (False
   when the clean loss or gradient, the perturbed loss or the update was not
-  finite, or a finite state entry turned non-finite), and what the optimizer's states report: ``perturbed_loss``
-  f(e) and ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and
+  finite, or a finite state entry turned non-finite), and what the optimizer's
+  states report: ``perturbed_loss`` f(e) and ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and
   ``rho`` ρ_t (:func:`unified_perturbation`), ``step_size`` γ_t (SAM-SPS),
   ``loss_scale`` and ``skipped`` (:func:`dynamic_loss_scale`).
 
@@ -148,8 +148,7 @@ def sam_step(
     microbatches: split each pass over this many equal micro-batches (exact
       gradient accumulation); the batch (per group) must be divisible by it.
     skip_nonfinite: skip a step whose update is not finite or that turns a finite
-      state entry non-finite (see
-      "Non-finite steps").
+      state entry non-finite (see "Non-finite steps").
     jit: compile the step with ``jax.jit``.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
       buffers are reused; do not use them after the call). Every error is
