@@ -212,12 +212,15 @@ def optax_contrib_sam_transparent(loss_fn) -> Variant:
 
 
 REQUIRED = ("sgd", "hand_written_sam")  # every ratio is taken to one of these
+# The opt-in non-finite guard: reported beside the default step, not held to the 3% floor.
+GUARDED = "sam_step_unified_l1_skip_nonfinite"
 # The hand-written step of the same algorithm: the floor a sam_step variant is held to.
 FLOOR = {"sam_step_sam_sps": "hand_written_sam_sps"}
 
 
 def all_variants(loss_fn, only: list[str] | None = None) -> list[Variant]:
-  """SGD, the hand-written floors, sam_step (four optimizers), optax.contrib.sam (two modes).
+  """SGD, the hand-written floors, sam_step (four optimizers, SAM also with the non-finite
+  guard), optax.contrib.sam (two modes).
 
   ``only`` keeps the named variants (plus the two references of the ratios).
   """
@@ -226,6 +229,13 @@ def all_variants(loss_fn, only: list[str] | None = None) -> list[Variant]:
     sgd(loss_fn),
     hand_written_sam(loss_fn),
     sam_step(loss_fn, "sam_step_unified_l1", "sam_step + unified_sam(λ=1) (SAM)", u(1.0)),
+    sam_step(
+      loss_fn,
+      GUARDED,
+      "sam_step + unified_sam(λ=1), skip_nonfinite=True",
+      u(1.0),
+      skip_nonfinite=True,
+    ),
     sam_step(loss_fn, "sam_step_unified_l0", "sam_step + unified_sam(λ=0) (USAM)", u(0.0)),
     sam_step(loss_fn, "sam_step_unified_1-1/t", 'sam_step + unified_sam(λ="1-1/t")', u("1-1/t")),
     hand_written_sam_sps(loss_fn),

@@ -144,11 +144,9 @@ def dynamic_loss_scale(
         value, g = value_and_grad_fn(p)
         g = jax.tree.map(unscale, g)
         # A non-finite ∇f(e) must skip the step even where the descent maps it to a
-        # finite update (SAM-SPS takes γ_t = 0 then): report it in f(e), which the
-        # state keeps and the finite check below reads.
-        value = jnp.asarray(value, jnp.promote_types(jnp.asarray(value).dtype, jnp.float32))
-        value = jnp.where(_protocol.all_finite(g), value / state.scale.astype(value.dtype), jnp.nan)
-        return value, g
+        # finite update: reported in f(e), which the finite check below reads.
+        value = _protocol.nan_unless_finite(value, g)
+        return value / state.scale.astype(value.dtype), g
 
       extra_args["value_and_grad_fn"] = unscaled_value_and_grad
     if sam_context is not None:

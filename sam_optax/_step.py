@@ -48,7 +48,7 @@ def sam_step(
   ascent: str = "sync",
   groups: int | None = None,
   microbatches: int | None = None,
-  skip_nonfinite: bool = True,
+  skip_nonfinite: bool = False,
   jit: bool = True,
   donate: bool = True,
   host_dispatch: bool | None = None,
@@ -72,10 +72,10 @@ def sam_step(
   comes from the clean pass; the perturbed pass's aux is discarded.
 
   ``metrics`` holds arrays: ``loss`` f(x), ``grad_norm`` ‖g‖, ``finite`` (False
-  when the clean loss or gradient, the perturbed loss or the update was not
-  finite, or a finite state entry turned non-finite), and what the optimizer's
-  states report: ``perturbed_loss`` f(e) and ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and
-  ``rho`` ρ_t (:func:`unified_perturbation`), ``step_size`` γ_t (SAM-SPS),
+  when the loss or the gradient of either pass was not finite; see "Non-finite
+  steps"), and what the optimizer's states report: ``perturbed_loss`` f(e) and
+  ``sharpness`` f(e) - f(x) for two-pass optimizers, ``lambda`` λ_t and ``rho``
+  ρ_t (:func:`unified_perturbation`), ``step_size`` γ_t (SAM-SPS),
   ``loss_scale`` and ``skipped`` (:func:`dynamic_loss_scale`).
 
   The step knows no optimizer by type: the optimizer's components read the
@@ -85,15 +85,21 @@ def sam_step(
   (``optax.chain(clip, sam)``, ``optax.MultiSteps(sam)``) raises a ValueError
   that says where the transform goes (the README's "Composing with optax").
 
-  Non-finite steps. With ``skip_nonfinite=True`` (default) the step never
-  applies a non-finite update or turns a finite entry of the optimizer state
-  non-finite (an ``inf`` the state holds on purpose, such as a sentinel before
-  the first step, does not count): the whole step is skipped
-  (parameters and state, counters included, unchanged) and ``finite`` is False.
-  A non-finite clean pass makes δ and so the perturbed pass non-finite, so both
-  passes are covered. ``optax.apply_if_finite(opt)`` composes with it: it skips
-  a non-finite clean gradient itself and counts it. Pass ``False`` for optax's
-  usual behaviour (the values propagate).
+  Non-finite steps. ``finite`` is False when f(x), ∇f(x), f(e) or ∇f(e) is not
+  finite (a non-finite ∇f(e) is reported as f(e) = NaN). By default the values
+  then propagate, as in any optax loop. ``skip_nonfinite=True`` guards the
+  parameters and the state instead: a step whose update is not finite, or that
+  turns a finite entry of the optimizer state non-finite (an ``inf`` the state
+  holds on purpose, such as a sentinel before the first step, does not count),
+  is skipped whole -- parameters and state, counters included, unchanged, on
+  every replica alike -- and ``finite`` is False. A non-finite ∇f(x) makes δ, e
+  and so the update non-finite; a non-finite ∇f(e) that the descent maps to a
+  finite update (SAM-SPS takes γ_t = 0: x does not move) is applied and reported.
+  The guard costs a check and a select over the parameters and the state
+  (several percent of a memory-bound step on XLA:CPU; the README has the
+  figures). ``optax.apply_if_finite(opt)`` around a two-pass optimizer turns the
+  guard on, so that a non-finite perturbed pass is skipped too; the wrapper
+  itself skips and counts a non-finite clean gradient.
 
   Gradient accumulation. ``microbatches=k`` splits the batch's leading axis
   into k equal micro-batches and runs each pass as a ``lax.scan`` over them:
@@ -148,7 +154,7 @@ def sam_step(
     microbatches: split each pass over this many equal micro-batches (exact
       gradient accumulation); the batch (per group) must be divisible by it.
     skip_nonfinite: skip a step whose update is not finite or that turns a finite
-      state entry non-finite (see "Non-finite steps").
+      state entry non-finite (see "Non-finite steps"); off by default.
     jit: compile the step with ``jax.jit``.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
       buffers are reused; do not use them after the call). Every error is
@@ -230,7 +236,9 @@ def sam_step(
       # (optax.masked, multi_transform) passes only its leaves: the others stay at x.
       (value, _), g = value_and_grad(as_varying(_fill_masked(e, params)), batch)
       value, g = mean((value, g), data_axes)
-      return value, _mask_like(g, e)
+      g = _mask_like(g, e)
+      # A non-finite ∇f(e) shows in f(e), so the `finite` metric covers both passes.
+      return _protocol.nan_unless_finite(value, g).astype(value.dtype), g
 
     selectors = [] if discovered is not None else None
     context = _protocol.StepContext(
@@ -254,7 +262,7 @@ def sam_step(
       )
     new_params = optax.apply_updates(params, updates)
     metrics = _metrics(loss, grads, new_opt_state, loss_scale)
-    if skip_nonfinite:
+    if skip_nonfinite or _protocol.wraps_in_apply_if_finite(opt_state):
       # Never apply a non-finite update or turn a finite state entry non-finite: the
       # whole step is skipped (counters included), on every replica alike. Selecting
       # after the update keeps finite steps bit for bit.

@@ -273,12 +273,17 @@ def test_lambda_modes_first_steps():
 
 @pytest.mark.parametrize("row", ROWS)
 def test_non_finite_clean_gradient_skips_the_whole_step(row):
-  """§8 with the default skip_nonfinite=True: params and state, counters included, unchanged."""
+  """§8 with skip_nonfinite=True: params and state, counters included, unchanged."""
   opt = make_opt(row)
-  step = compiled((row, "plain"), opt)
   params = to_dtype(X0, jnp.float32)
   state = opt.init(params)
-  params, state, _ = step(params, state, batch_as(BATCHES[0]))
+  params, state, _ = compiled((row, "plain"), opt)(params, state, batch_as(BATCHES[0]))
+  # By default the step is taken and reported (only the loss scale skips it by itself).
+  propagated, _, metrics = compiled((row, "plain"), opt)(params, state, batch_as(NAN_BATCH))
+  assert not bool(metrics["finite"])
+  moved = [np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(propagated)]
+  assert all(moved) if row == "dynamic_loss_scale" else not all(moved)
+  step = eager((row, "skip_nonfinite"), opt, skip_nonfinite=True)
   new_params, new_state, metrics = step(params, state, batch_as(NAN_BATCH))
   assert not bool(metrics["finite"])
   _assert_same(new_params, params)

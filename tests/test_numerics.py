@@ -7,6 +7,7 @@ The multi-device cases run this file in a subprocess on 4 fake CPU devices
 """
 
 import json
+import math
 import os
 import pathlib
 
@@ -491,8 +492,9 @@ def _worker() -> dict:
       for x in jax.tree.leaves(tree)
     )
 
-  def pmapped(loss, opt, params, batch, dtype):
-    step = jax.pmap(sam_optax.sam_step(loss, opt, axis_name="d", donate=False), axis_name="d")
+  def pmapped(loss, opt, params, batch, dtype, **options):
+    step = sam_optax.sam_step(loss, opt, axis_name="d", donate=False, **options)
+    step = jax.pmap(step, axis_name="d")
     p, s = sam_optax.replicate((params, opt.init(params)))
     p1, s1, m = step(p, s, sam_optax.shard_batch(batch))
 
@@ -523,6 +525,9 @@ def _worker() -> dict:
     mse = lambda p, b: jnp.mean((b @ p["w"].astype(jnp.float32) - 1.0) ** 2)
     out[f"nan_shard/{dtype}"] = pmapped(
       mse, sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), w, x, dtype
+    )
+    out[f"nan_shard_skip/{dtype}"] = pmapped(
+      mse, sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), w, x, dtype, skip_nonfinite=True
     )
     out[f"nan_shard_if_finite/{dtype}"] = pmapped(
       mse, optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=0.05), 3), w, x, dtype
@@ -569,8 +574,11 @@ def devices():
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
 def test_nan_in_one_shard_is_handled_identically_on_every_replica(devices, dtype_name):
   got = devices[f"nan_shard/{dtype_name}"]
+  assert got["identical"]  # by default the NaN propagates, to every replica alike, and is reported
+  assert all(math.isnan(v) for v in got["params"]) and not got["metrics"]["finite"]
+  got = devices[f"nan_shard_skip/{dtype_name}"]
   assert got["identical"]
-  # sam_step skipped the non-finite step, on every replica alike (before: NaN everywhere).
+  # skip_nonfinite=True skips the step, on every replica alike (before: NaN everywhere).
   assert got["params"] == [0.5, 1.0, 2.0] and not got["metrics"]["finite"]
   got = devices[f"nan_shard_if_finite/{dtype_name}"]
   assert got["identical"]

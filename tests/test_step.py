@@ -222,3 +222,50 @@ def test_step_that_turns_a_finite_state_entry_non_finite_is_skipped(two_pass, ba
   assert not np.allclose(moved["w"], PARAMS["w"])
   assert not np.isfinite(float(sam_optax.find_state(poisoned, SentinelState).trace))
   assert bool(unchecked["finite"])  # the loss, gradients and f(e) were finite
+
+
+# --- The finite metric covers both passes; the skip is opt-in (§8) ------------------------------
+
+# f(w) = -Σ √w at w = 1: g = -0.5, and USAM (λ = 0) with ρ = 2 puts e at 0, where f(e) = 0 is
+# finite but ∇f(e) = -inf.
+SQRT_LOSS = lambda p, b: -jnp.sum(jnp.sqrt(p["w"]))  # noqa: E731
+SQRT_PARAMS = {"w": jnp.ones(1)}
+
+
+def _sqrt_step(opt, **options):
+  step = sam_optax.sam_step(SQRT_LOSS, opt, donate=False, **options)
+  return step(SQRT_PARAMS, opt.init(SQRT_PARAMS), None)
+
+
+def test_a_non_finite_perturbed_gradient_is_reported_and_propagates_by_default():
+  params, _, metrics = _sqrt_step(sam_optax.unified_sam(optax.sgd(0.1), rho=2.0, lambd=0.0))
+  assert not bool(metrics["finite"])
+  assert np.isnan(float(metrics["perturbed_loss"]))  # f(e) = 0, reported as NaN: ∇f(e) = -inf
+  assert float(params["w"][0]) == np.inf  # x - 0.1·(-inf): optax's usual behaviour
+  params, state, metrics = _sqrt_step(
+    sam_optax.unified_sam(optax.sgd(0.1), rho=2.0, lambd=0.0), skip_nonfinite=True
+  )
+  assert not bool(metrics["finite"])
+  assert_trees_equal(params, SQRT_PARAMS)
+  assert int(sam_optax.find_state(state, sam_optax.UnifiedPerturbationState).count) == 0
+
+
+def test_sam_sps_reports_a_non_finite_perturbed_gradient_it_does_not_move_on():
+  # γ_t = 0 maps ∇f(e) = -inf to a finite update, x stays; the step still says it was not
+  # finite (before: finite = True, since only the update and f(e) were checked).
+  params, _, metrics = _sqrt_step(sam_optax.sam_sps(rho=2.0, lambd=0.0))
+  assert float(metrics["step_size"]) == 0.0
+  assert_trees_equal(params, SQRT_PARAMS)
+  assert not bool(metrics["finite"])
+
+
+def test_apply_if_finite_around_sam_skips_a_non_finite_perturbed_pass():
+  # apply_if_finite sees only the (finite) clean gradient; sam_step turns its guard on.
+  opt = optax.apply_if_finite(sam_optax.unified_sam(optax.sgd(0.1), rho=2.0, lambd=0.0), 3)
+  state0 = opt.init(SQRT_PARAMS)
+  params, state, metrics = sam_optax.sam_step(SQRT_LOSS, opt, donate=False)(
+    SQRT_PARAMS, state0, None
+  )
+  assert not bool(metrics["finite"])
+  assert_trees_equal(params, SQRT_PARAMS)
+  assert_trees_equal(state, state0)
