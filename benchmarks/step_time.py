@@ -586,6 +586,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "theory": [],
   }
   worker = TorchWorker(torch_python) if torch_python else None
+
+  def save():
+    result["environment"]["loadavg_end"] = list(os.getloadavg())
+    _report.write(out, result, markdown(result))
+
   try:
     for m in models:
       result["models"].append(
@@ -600,6 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           only=args.variants.split(",") if args.variants else None,
         )
       )
+      save()  # after every model: a long run that is stopped keeps what it measured
     if not args.no_theory:
       for problem in ("ridge", "logistic"):
         result["theory"].append(
@@ -615,9 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   finally:
     if worker is not None:
       worker.close()
-  result["environment"]["loadavg_end"] = list(os.getloadavg())
-
-  _report.write(out, result, markdown(result))
+  save()
   return result
 
 
