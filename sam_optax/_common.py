@@ -35,6 +35,19 @@ def tree_vdot(a: Any, b: Any, dtype: jnp.dtype) -> jax.Array:
   return _tree_sum([jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in pairs], dtype)
 
 
+def cond(pred: Any, true_fn: Any, false_fn: Any, *operands: Any) -> Any:
+  """``jax.lax.cond``, or the chosen branch called directly when ``pred`` is concrete.
+
+  Inside a trace (jit, pmap, vmap, grad) this is ``lax.cond``. Called eagerly (a step
+  with ``jit=False``, a plain loop) a ``lax.cond`` would compile both branches anew on
+  every call, since they are fresh closures; the concrete predicate picks the branch
+  in Python instead, and only that branch's operations run.
+  """
+  if isinstance(pred, jax.core.Tracer):
+    return jax.lax.cond(pred, true_fn, false_fn, *operands)
+  return (true_fn if bool(pred) else false_fn)(*operands)
+
+
 # Overflow-safe reductions. The plain sums are computed as before and used whenever they
 # are finite, so results are bit-identical to the textbook formulas and the usual step
 # costs nothing extra. Only when a sum overflowed (or the data is not finite) does a
@@ -79,7 +92,7 @@ def tree_norm(tree: Any, dtype: jnp.dtype) -> jax.Array:
     leaves, s = _scaled(tree, dtype)
     return jnp.sqrt(_tree_sum([jnp.sum(jnp.square(x)) for x in leaves], dtype)) / s
 
-  return jax.lax.cond(jnp.isfinite(plain), lambda _: jnp.sqrt(plain), rescaled, tree)
+  return cond(jnp.isfinite(plain), lambda _: jnp.sqrt(plain), rescaled, tree)
 
 
 def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
@@ -104,7 +117,7 @@ def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
     ratio = (vu_s / jnp.where(nonzero, uu_s, 1.0)) * s_u / s_v
     return jnp.where(nonzero, ratio, 0.0)
 
-  return jax.lax.cond(jnp.isfinite(uu) & jnp.isfinite(vu), plain, rescaled, (v, u))
+  return cond(jnp.isfinite(uu) & jnp.isfinite(vu), plain, rescaled, (v, u))
 
 
 def polyak_ratio(
@@ -133,7 +146,7 @@ def polyak_ratio(
       )
     return ((loss_gap * s - gd_s) / jnp.maximum(gg_s, eps * s * s)) * s
 
-  return jax.lax.cond(jnp.isfinite(gg) & jnp.isfinite(gd), plain, rescaled, (grads, perturbation))
+  return cond(jnp.isfinite(gg) & jnp.isfinite(gd), plain, rescaled, (grads, perturbation))
 
 
 def clip_traced(value: jax.Array, low: float | None = None, high: float | None = None) -> jax.Array:

@@ -212,7 +212,7 @@ def _fast_or_exact(summed: list[jax.Array], exact: Any, operands: Any) -> jax.Ar
   overflows; the exact test settles those steps, in a ``lax.cond`` that runs only then.
   """
   total = _common.tree_sum_of_squares(summed, _common.accumulation_dtype(summed))
-  return jax.lax.cond(jnp.isfinite(total), lambda _: jnp.array(True), exact, operands)
+  return _common.cond(jnp.isfinite(total), lambda _: jnp.array(True), exact, operands)
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -155,7 +155,11 @@ def sam_step(
       gradient accumulation); the batch (per group) must be divisible by it.
     skip_nonfinite: skip a step whose update is not finite or that turns a finite
       state entry non-finite (see "Non-finite steps"); off by default.
-    jit: compile the step with ``jax.jit``.
+    jit: compile the step with ``jax.jit``. With False the step is traced by the
+      caller's own transform (``jax.jit``, ``pmap``, ``nnx.jit``) or runs op by op;
+      run op by op, its branches (the overflow fallbacks, the finiteness checks,
+      interval SAM's choice of pass) are picked in Python from concrete values, so
+      eager calls compile nothing after the first ones.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their old
       buffers are reused; do not use them after the call). Every error is
       raised while tracing, before anything is computed or donated.

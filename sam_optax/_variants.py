@@ -176,7 +176,7 @@ def _every_k(
     def value_and_grad_at(e):  # the wrapped optimizer calls this once, at e = x + δ
       if perturb is None:
         is_sam_step = state.count % every == 0
-        value, grads, *orthogonal = jax.lax.cond(is_sam_step, perturbed_pass, no_perturbed_pass, e)
+        value, grads, *orthogonal = _common.cond(is_sam_step, perturbed_pass, no_perturbed_pass, e)
       else:
         value, grads, *orthogonal = (perturbed_pass if perturb else no_perturbed_pass)(e)
       new_orthogonal.extend(orthogonal)

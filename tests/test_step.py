@@ -108,6 +108,38 @@ def test_each_pass_traces_the_loss_once_and_no_recompilation():
     assert step._cache_size() == 1  # no recompilation across steps
 
 
+@pytest.mark.parametrize(
+  "make_opt",
+  [
+    lambda: sam_optax.sam_sps(0.05, lambd=0.5),
+    lambda: sam_optax.interval_sam(sam_optax.unified_sam(optax.sgd(0.1), 0.05), every=2),
+  ],
+  ids=["sam_sps", "interval_sam"],
+)
+def test_eager_step_compiles_nothing_after_its_first_steps(make_opt, caplog):
+  """jit=False: the overflow-safe norms, the finiteness checks and interval SAM's choice of
+  pass run the branch a concrete predicate picks (a lax.cond would compile its fresh
+  closures again on every call), and equal the compiled step."""
+  opt = make_opt()
+  steps = (
+    sam_optax.sam_step(loss_fn, opt, jit=False),
+    sam_optax.sam_step(loss_fn, opt, donate=False, host_dispatch=False),
+  )
+  states = [(PARAMS, opt.init(PARAMS))] * 2
+
+  def two_steps():  # interval SAM: a SAM step, then a skipped one
+    for _ in range(2):
+      (p, s, m), (pc, sc, mc) = [step(*state, BATCH) for step, state in zip(steps, states)]
+      assert_trees_close((p, s, m), (pc, sc, mc), rtol=1e-6, atol=1e-6)
+      states[:] = [(p, s), (pc, sc)]
+
+  two_steps()
+  caplog.clear()
+  with jax.log_compiles(True):
+    two_steps()
+  assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+
+
 def _call_step(loss, **kwargs):
   """A thunk that builds `sam_step(loss, unified_sam(sgd))` and runs one step."""
 
