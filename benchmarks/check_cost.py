@@ -2,13 +2,14 @@
 
 The MLP of ``benchmarks.step_time`` (1.8M parameters, batch 128, its base optimizer,
 SAM with λ = 1; the same builders, ``_models`` and ``_steps``): the hand-written jit SAM
-step, and ``sam_step`` three ways:
-as shipped; without the check of ∇f(e) behind the ``finite`` metric; without any
-finiteness check (both patched out of ``sam_optax._protocol`` while the step is traced).
+step, and ``sam_step`` five ways: as shipped; with the check of ∇f(e) behind the
+``finite`` metric in two other forms (a sum of squares without the exact fallback's
+``lax.cond``; a plain sum with it); without that check; without any finiteness check
+(patched in ``sam_optax._protocol`` while the step is traced).
 Rounds are interleaved (the first variant rotates) and timed in process CPU time; a
 ratio is the median over rounds of the per-round ratio to the hand-written step.
 
-Run: ``taskset -c 1 python -m benchmarks.check_cost 150`` (rounds; about 3 minutes).
+Run: ``taskset -c 1 python -m benchmarks.check_cost 300`` (rounds; about 3 minutes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import sam_optax
 from benchmarks import _models
 from benchmarks import _steps
+from sam_optax import _common
 from sam_optax import _protocol
 
 
@@ -31,8 +33,31 @@ def _as_float(value):
   return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
+def _finite_by(reduce):
+  """A ``nan_unless_finite`` whose check is ``isfinite(reduce(float leaves))``."""
+
+  def nan_unless_finite(value, grads):
+    leaves = [x for x in jax.tree.leaves(grads) if _protocol.is_floating(x)]
+    return jnp.where(jnp.isfinite(reduce(leaves)), _as_float(value), jnp.nan)
+
+  return nan_unless_finite
+
+
+def _sum_of_squares(leaves):
+  return _common.tree_sum_of_squares(leaves, _common.accumulation_dtype(leaves))
+
+
+def _plain_sum_with_fallback(leaves):
+  total = sum(jnp.sum(x.astype(_common.accumulation_dtype(leaves))) for x in leaves)
+  exact = lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))  # noqa: E731
+  ok = jax.lax.cond(jnp.isfinite(total), lambda _: jnp.array(True), exact, leaves)
+  return jnp.where(ok, 0.0, jnp.nan)
+
+
 PATCHES = {
   "sam_step": {},
+  "sam_step_grad_e_sumsq_no_cond": {"nan_unless_finite": _finite_by(_sum_of_squares)},
+  "sam_step_grad_e_sum_with_cond": {"nan_unless_finite": _finite_by(_plain_sum_with_fallback)},
   "sam_step_no_grad_e_check": {"nan_unless_finite": lambda value, grads: _as_float(value)},
   "sam_step_no_checks": {
     "nan_unless_finite": lambda value, grads: _as_float(value),
@@ -73,10 +98,10 @@ def main(rounds: int) -> None:
     ratio = np.array(samples[n]) / np.array(samples["hand_written_sam"])
     p25, median, p75 = np.percentile(ratio, [25, 50, 75])
     print(
-      f"{n:26s} {1e3 * np.median(samples[n]) / 3:7.2f} ms/step  "
+      f"{n:30s} {1e3 * np.median(samples[n]) / 3:7.2f} ms/step  "
       f"× hand-written {median:.3f} [{p25:.3f}–{p75:.3f}]"
     )
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]) if len(sys.argv) > 1 else 150)
+  main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
