@@ -73,9 +73,46 @@ def pow2_scale(m: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.ldexp(jnp.ones([], m.dtype), -exponent), 1.0).astype(m.dtype)
 
 
-def _scaled(tree: Any, dtype: jnp.dtype) -> tuple[list[jax.Array], jax.Array]:
-  s = pow2_scale(tree_max_abs(tree, dtype))
-  return [x.astype(dtype) * s for x in jax.tree.leaves(tree)], s
+# A leaf larger than this is reduced in slices by `sliced_sum`.
+_SLICED_LEAF = 1 << 16
+_SLICES = 16
+
+
+def sliced_sum(terms: Any, trees: tuple, dtype: jnp.dtype) -> jax.Array:
+  """Σ over all leaves and entries of ``terms(x₁, x₂, ...)`` (one leaf from each tree).
+
+  For the branches that almost never run (the overflow fallbacks, the exact
+  finiteness tests). XLA reserves a branch's temporaries whether or not it runs,
+  so a branch that transformed whole leaves would add a parameter-sized buffer to
+  every step's peak memory (it raised SAM-SPS's by one copy of the parameters). A
+  leaf of more than 2^16 entries is therefore reduced in `_SLICES` slices (a
+  ``fori_loop`` over ``dynamic_slice``): ``terms`` sees one slice at a time.
+  ``terms`` is elementwise; its result is summed in ``dtype``.
+  """
+  total = jnp.zeros([], dtype)
+  for leaves in zip(*(jax.tree.leaves(t) for t in trees)):
+    flat = [x.reshape(-1) for x in leaves]
+    n = flat[0].size
+    if n <= _SLICED_LEAF:
+      total = total + jnp.sum(terms(*flat).astype(dtype))
+      continue
+    size = -(-n // _SLICES)
+
+    def add_slice(i, acc, flat=flat, n=n, size=size):
+      # The last slice is shifted to end at n; the entries it shares with the one
+      # before are counted once.
+      start = jnp.minimum(i * size, n - size)
+      values = terms(*(jax.lax.dynamic_slice(x, (start,), (size,)) for x in flat))
+      fresh = start + jax.lax.iota(jnp.int32, size) >= i * size
+      return acc + jnp.sum(jnp.where(fresh, values, 0).astype(dtype))
+
+    total = total + jax.lax.fori_loop(0, _SLICES, add_slice, jnp.zeros([], dtype))
+  return total
+
+
+def _scale(tree: Any, dtype: jnp.dtype) -> jax.Array:
+  """The exact power-of-two scale of `tree` (`pow2_scale` of its largest magnitude)."""
+  return pow2_scale(tree_max_abs(tree, dtype))
 
 
 def tree_norm(tree: Any, dtype: jnp.dtype) -> jax.Array:
@@ -89,8 +126,8 @@ def tree_norm(tree: Any, dtype: jnp.dtype) -> jax.Array:
   plain = tree_sum_of_squares(tree, dtype)
 
   def rescaled(tree):
-    leaves, s = _scaled(tree, dtype)
-    return jnp.sqrt(_tree_sum([jnp.sum(jnp.square(x)) for x in leaves], dtype)) / s
+    s = _scale(tree, dtype)
+    return jnp.sqrt(sliced_sum(lambda x: jnp.square(x.astype(dtype) * s), (tree,), dtype)) / s
 
   return cond(jnp.isfinite(plain), lambda _: jnp.sqrt(plain), rescaled, tree)
 
@@ -110,9 +147,9 @@ def tree_projection(v: Any, u: Any, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(nonzero, vu / jnp.where(nonzero, uu, 1.0), 0.0)
 
   def rescaled(trees):
-    (vs, s_v), (us, s_u) = _scaled(trees[0], dtype), _scaled(trees[1], dtype)
-    uu_s = _tree_sum([jnp.sum(jnp.square(x)) for x in us], dtype)
-    vu_s = _tree_sum([jnp.sum(x * y) for x, y in zip(vs, us)], dtype)
+    s_v, s_u = _scale(trees[0], dtype), _scale(trees[1], dtype)
+    uu_s = sliced_sum(lambda u: jnp.square(u.astype(dtype) * s_u), (trees[1],), dtype)
+    vu_s = sliced_sum(lambda v, u: (v.astype(dtype) * s_v) * (u.astype(dtype) * s_u), trees, dtype)
     nonzero = (uu_s > 0) & (vu_s != 0)
     ratio = (vu_s / jnp.where(nonzero, uu_s, 1.0)) * s_u / s_v
     return jnp.where(nonzero, ratio, 0.0)
@@ -136,14 +173,12 @@ def polyak_ratio(
     return (loss_gap - gd) / jnp.maximum(gg, eps)
 
   def rescaled(trees):
-    gs, s = _scaled(trees[0], dtype)
-    gg_s = _tree_sum([jnp.sum(jnp.square(x)) for x in gs], dtype)
+    s = _scale(trees[0], dtype)
+    gg_s = sliced_sum(lambda g: jnp.square(g.astype(dtype) * s), (trees[0],), dtype)
     if trees[1] is None:
       gd_s = jnp.zeros([], dtype)
     else:
-      gd_s = _tree_sum(
-        [jnp.sum(x * y.astype(dtype)) for x, y in zip(gs, jax.tree.leaves(trees[1]))], dtype
-      )
+      gd_s = sliced_sum(lambda g, d: (g.astype(dtype) * s) * d.astype(dtype), trees, dtype)
     return ((loss_gap * s - gd_s) / jnp.maximum(gg_s, eps * s * s)) * s
 
   return cond(jnp.isfinite(gg) & jnp.isfinite(gd), plain, rescaled, (grads, perturbation))

@@ -202,17 +202,25 @@ def mean_floating(tree: Any, axes: tuple[str, ...]) -> Any:
   return jax.tree.map(lambda x: jax.lax.pmean(x, axes) if is_floating(x) else x, tree)
 
 
-def _fast_or_exact(summed: list[jax.Array], exact: Any, operands: Any) -> jax.Array:
-  """True when Σ x² over ``summed`` is finite, else ``exact(operands)``.
+def _fast_or_exact(summed: list[jax.Array], exact: Any, operands: tuple) -> jax.Array:
+  """True when Σ x² over ``summed`` is finite, else whether ``exact`` is 0 at every entry.
 
   A finite sum of squares has no inf or NaN term, it is the very reduction the
   global norms compute (XLA merges the two), and a plain sum is several times
   faster than reducing ``isfinite`` on XLA:CPU, which materialises a boolean
-  array. It can only be wrong in one direction, a sum of finite squares that
-  overflows; the exact test settles those steps, in a ``lax.cond`` that runs only then.
+  array. It can only be wrong in one direction: a sum of finite squares that
+  overflows, or that XLA's algebraic rewrites turn into NaN ((a·c)² becomes a²·c²,
+  inf·0 for a = 2^127, c = 0, as in a loss-scaled zero gradient). The exact test
+  settles those steps, in a ``lax.cond`` that runs only then: ``exact`` maps the
+  entries of the trees in ``operands`` to 0 (fine) or 1 (not), counted slice by
+  slice (``_common.sliced_sum``) so that the branch reserves no parameter-sized buffer.
   """
   total = _common.tree_sum_of_squares(summed, _common.accumulation_dtype(summed))
-  return _common.cond(jnp.isfinite(total), lambda _: jnp.array(True), exact, operands)
+
+  def count_bad(trees):
+    return _common.sliced_sum(exact, trees, jnp.float32) == 0
+
+  return _common.cond(jnp.isfinite(total), lambda _: jnp.array(True), count_bad, operands)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -220,11 +228,7 @@ def all_finite(tree: Any) -> jax.Array:
   leaves = [x for x in jax.tree.leaves(tree) if is_floating(x)]
   if not leaves:
     return jnp.array(True)
-
-  def exact(leaves):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-  return _fast_or_exact(leaves, exact, leaves)
+  return _fast_or_exact(leaves, lambda x: jnp.where(jnp.isfinite(x), 0, 1), (leaves,))
 
 
 def nan_unless_finite(value: jax.Array, grads: Any) -> jax.Array:
@@ -250,8 +254,10 @@ def stays_finite(old: Any, new: Any) -> jax.Array:
   if not pairs:
     return jnp.array(True)
 
-  def exact(pairs):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(b) | ~jnp.isfinite(a)) for a, b in pairs]))
+  old_leaves, new_leaves = [a for a, _ in pairs], [b for _, b in pairs]
+
+  def turned_bad(a, b):
+    return jnp.where(jnp.isfinite(b) | ~jnp.isfinite(a), 0, 1)
 
   # An all-finite new state passes, whatever the old one held.
-  return _fast_or_exact([b for _, b in pairs], exact, pairs)
+  return _fast_or_exact(new_leaves, turned_bad, (old_leaves, new_leaves))

@@ -20,6 +20,7 @@ import pytest
 
 import sam_optax
 from sam_optax import _common
+from sam_optax import _protocol
 from sam_optax import _variants
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -194,6 +195,50 @@ def test_huge_gradient_variants_stay_finite_and_exact(dtype, variant):
   else:
     want = f64(w["w"]) - steps * lr * bb
   np.testing.assert_allclose(got, want, atol=2 * RTOL[dtype.name] * 4)
+
+
+# Leaves large enough for the overflow branches to reduce them in slices (_common.sliced_sum):
+# at the threshold (one piece), one past it (the last slice overlaps the one before), and a
+# size that no slice count divides.
+SLICED_SIZES = [_common._SLICED_LEAF, _common._SLICED_LEAF + 1, 100_003]
+
+
+@pytest.mark.parametrize("n", SLICED_SIZES)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_sliced_sum_counts_every_entry_once(n, jit):
+  # Small integers: every partial sum is exact in float32, so the totals must be equal.
+  x = {"big": (jnp.arange(n) % 7 - 3.0).astype(jnp.float32), "small": jnp.array([1.0, -2.0])}
+  y = {"big": (jnp.arange(n) % 5 - 2.0).astype(jnp.float32), "small": jnp.array([4.0, 8.0])}
+  fn = lambda a, b: _common.sliced_sum(jnp.multiply, (a, b), jnp.float32)  # noqa: E731
+  got = (jax.jit(fn) if jit else fn)(x, y)
+  want = sum(np.sum(f64(a) * f64(b)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  assert float(got) == want
+
+
+@pytest.mark.parametrize("n", SLICED_SIZES)
+def test_overflow_branches_on_sliced_leaves(n):
+  """The fallbacks' values and the exact finiteness tests where they reduce in slices."""
+  big = 1e20  # squares overflow float32
+  pattern = (jnp.arange(n) % 5 - 2.0).astype(jnp.float32)
+  g = {"w": pattern * big, "b": jnp.float32(big)}
+  acc = jnp.float32
+  ref = _true_norm(g, big)
+  np.testing.assert_allclose(float(jax.jit(_common.tree_norm, static_argnums=1)(g, acc)), ref, 1e-6)
+  np.testing.assert_allclose(float(_common.tree_norm(g, acc)), ref, rtol=1e-6)
+  v = {"w": pattern * (2 * big), "b": jnp.float32(0.0)}
+  gv = jax.jit(_common.tree_projection, static_argnums=2)(v, g, acc)  # <v, g>/‖g‖²
+  want = float(np.sum(f64(pattern) ** 2) * 2) / (ref / big) ** 2
+  np.testing.assert_allclose(float(gv), want, rtol=1e-5)
+  # The exact finiteness tests (Σ x² overflows): huge but finite entries pass; a NaN in the
+  # entries two slices share, or an inf at the very end, fails.
+  last_start = n - -(-n // _common._SLICES)
+  assert bool(_protocol.all_finite(g)) and bool(jax.jit(_protocol.all_finite)(g))
+  for index, bad in [(last_start + 2, jnp.nan), (n - 1, jnp.inf), (0, -jnp.inf)]:
+    worse = {**g, "w": g["w"].at[index].set(bad)}
+    assert not bool(_protocol.all_finite(worse))
+    assert not bool(jax.jit(_protocol.all_finite)(worse))
+    assert not bool(jax.jit(_protocol.stays_finite)(g, worse))
+    assert bool(jax.jit(_protocol.stays_finite)(worse, worse))  # held on purpose: not counted
 
 
 # --- 3. Bad hyperparameters at construction ---------------------------------------------------

@@ -20,10 +20,23 @@ INF, NAN = jnp.inf, jnp.nan
     pytest.param({"a": jnp.array([1.0, 2.0]), "b": jnp.float16(INF)}, False, id="inf_in_a_leaf"),
     pytest.param({"n": jnp.int32(3), "flag": jnp.array(True)}, True, id="no_floating_leaf"),
     pytest.param((), True, id="empty"),
+    pytest.param({"a": jnp.zeros((0, 3)), "b": jnp.float32(1.0)}, True, id="empty_leaf"),
+    # Σ x² overflows: the exact test decides (NaN, +inf, -inf, or finite entries only).
+    pytest.param({"a": jnp.array([1e30, -1e30])}, True, id="overflow_finite"),
+    pytest.param(
+      {"a": jnp.array([1e30, 2.0]), "b": jnp.array([-INF])}, False, id="overflow_minus_inf"
+    ),
+    pytest.param({"a": jnp.array([1e30, INF])}, False, id="overflow_plus_inf"),
+    pytest.param({"a": jnp.array([1e30, NAN, 1.0])}, False, id="overflow_nan"),
+    pytest.param({"a": jnp.array([INF, NAN, -INF])}, False, id="inf_nan_minus_inf"),
+    pytest.param({"a": jnp.array([3e38, 1.0], jnp.bfloat16)}, True, id="bfloat16_overflow_finite"),
+    pytest.param({"a": jnp.array([1e30 + 1e30j, -1.0])}, True, id="complex_overflow_finite"),
+    pytest.param({"a": jnp.array([1.0 + 1j, 2.0 + INF * 1j])}, False, id="complex_inf"),
   ],
 )
 def test_all_finite(tree, expected):
-  assert bool(_protocol.all_finite(tree)) is expected
+  assert bool(_protocol.all_finite(tree)) is expected  # eager: the branch picked in Python
+  assert bool(jax.jit(_protocol.all_finite)(tree)) is expected  # compiled: lax.cond
 
 
 @pytest.mark.parametrize(
