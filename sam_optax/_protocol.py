@@ -220,7 +220,10 @@ def _fast_or_exact(summed: list[jax.Array], exact: Any, operands: tuple) -> jax.
   def count_bad(trees):
     return _common.sliced_sum(exact, trees, jnp.float32) == 0
 
-  return _common.cond(jnp.isfinite(total), lambda _: jnp.array(True), count_bad, operands)
+  # True as a function of `total`: under shard_map both branches then vary over the
+  # same axes as the data (a constant True would not, and lax.cond refuses that).
+  ok = jnp.isfinite(total)
+  return _common.cond(ok, lambda _: ok, count_bad, operands)
 
 
 def all_finite(tree: Any) -> jax.Array:

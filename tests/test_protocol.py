@@ -5,6 +5,7 @@ How sam_step uses them (which steps it skips) is tests/test_step.py.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sam_optax import _protocol
@@ -70,3 +71,22 @@ def test_stays_finite_without_floating_leaves_is_true():
   counters = {"count": jnp.int32(1), "flag": jnp.array(False)}
   assert bool(_protocol.stays_finite(counters, counters))
   assert bool(_protocol.stays_finite((), ()))
+
+
+@pytest.mark.parametrize(
+  "values, finite",
+  [([1.0, 2.0], True), ([1e30, 2.0], True), ([1e30, INF], False), ([NAN, 2.0], False)],
+)
+def test_checks_under_shard_map_with_a_per_device_input(values, finite):
+  """ascent='local' under jax.shard_map: the checks see a gradient that varies over the mesh
+  axis, and both branches of their lax.cond must vary alike (check_vma; before: TypeError
+  "cond branches must have equal output types")."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  spec = jax.sharding.PartitionSpec("d")
+
+  def checks(x):
+    tree = {"a": x}
+    return jnp.stack([_protocol.all_finite(tree), _protocol.stays_finite({"a": x * 0}, tree)])
+
+  out = jax.jit(jax.shard_map(checks, mesh=mesh, in_specs=spec, out_specs=spec))
+  assert out(jnp.array(values, jnp.float32)).tolist() == [finite, finite]
