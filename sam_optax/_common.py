@@ -85,8 +85,8 @@ def pow2_scale(m: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.ldexp(jnp.ones([], m.dtype), -exponent), 1.0).astype(m.dtype)
 
 
-# A leaf larger than this is reduced in slices by `sliced_sum`.
-_SLICED_LEAF = 1 << 16
+# `sliced_sum` reduces a leaf of more than `_SLICE` entries in up to `_SLICES` slices.
+_SLICE = 1 << 16
 _SLICES = 16
 
 
@@ -97,18 +97,22 @@ def sliced_sum(terms: Any, trees: tuple, dtype: jnp.dtype) -> jax.Array:
   finiteness tests). XLA reserves a branch's temporaries whether or not it runs,
   so a branch that transformed whole leaves would add a parameter-sized buffer to
   every step's peak memory (it raised SAM-SPS's by one copy of the parameters). A
-  leaf of more than 2^16 entries is therefore reduced in `_SLICES` slices (a
-  ``fori_loop`` over ``dynamic_slice``): ``terms`` sees one slice at a time.
-  ``terms`` is elementwise; its result is summed in ``dtype``.
+  leaf of more than 2^16 entries is therefore reduced in equal slices (a
+  ``fori_loop`` over ``dynamic_slice``), at least 2^16 entries and at most 16 of
+  them: ``terms`` sees one slice at a time, a sixteenth of the leaf or less. (Under
+  ``vmap`` a ``lax.cond`` runs both branches, so there the loops run every step: at
+  most 16 iterations per leaf.) ``terms`` is elementwise; its result is summed in
+  ``dtype``.
   """
   total = jnp.zeros([], dtype)
   for leaves in zip(*(jax.tree.leaves(t) for t in trees)):
     flat = [x.reshape(-1) for x in leaves]
     n = flat[0].size
-    if n <= _SLICED_LEAF:
+    pieces = min(_SLICES, -(-n // _SLICE))
+    if pieces <= 1:
       total = total + jnp.sum(terms(*flat).astype(dtype))
       continue
-    size = -(-n // _SLICES)
+    size = -(-n // pieces)
 
     def add_slice(i, acc, flat=flat, n=n, size=size):
       # The last slice is shifted to end at n; the entries it shares with the one
@@ -118,7 +122,7 @@ def sliced_sum(terms: Any, trees: tuple, dtype: jnp.dtype) -> jax.Array:
       fresh = start + jax.lax.iota(jnp.int32, size) >= i * size
       return acc + jnp.sum(jnp.where(fresh, values, 0).astype(dtype))
 
-    total = total + jax.lax.fori_loop(0, _SLICES, add_slice, jnp.zeros([], dtype))
+    total = total + jax.lax.fori_loop(0, pieces, add_slice, jnp.zeros([], dtype))
   return total
 
 

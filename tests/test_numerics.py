@@ -198,9 +198,14 @@ def test_huge_gradient_variants_stay_finite_and_exact(dtype, variant):
 
 
 # Leaves large enough for the overflow branches to reduce them in slices (_common.sliced_sum):
-# at the threshold (one piece), one past it (the last slice overlaps the one before), and a
-# size that no slice count divides.
-SLICED_SIZES = [_common._SLICED_LEAF, _common._SLICED_LEAF + 1, 100_003]
+# at the slice size (one piece), one past it (two slices, the last overlapping the first),
+# three slices that no slice length divides, and the most slices, of more than 2^16 each.
+SLICED_SIZES = [
+  _common._SLICE,
+  _common._SLICE + 1,
+  2 * _common._SLICE + 12_347,
+  _common._SLICES * _common._SLICE + 5,
+]
 
 
 @pytest.mark.parametrize("n", SLICED_SIZES)
@@ -231,7 +236,8 @@ def test_overflow_branches_on_sliced_leaves(n):
   np.testing.assert_allclose(float(gv), want, rtol=1e-5)
   # The exact finiteness tests (Σ x² overflows): huge but finite entries pass; a NaN in the
   # entries two slices share, or an inf at the very end, fails.
-  last_start = n - -(-n // _common._SLICES)
+  pieces = min(_common._SLICES, -(-n // _common._SLICE))
+  last_start = n - -(-n // pieces)  # the last slice's first entry
   assert bool(_protocol.all_finite(g)) and bool(jax.jit(_protocol.all_finite)(g))
   for index, bad in [(last_start + 2, jnp.nan), (n - 1, jnp.inf), (0, -jnp.inf)]:
     worse = {**g, "w": g["w"].at[index].set(bad)}
